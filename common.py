@@ -1,0 +1,246 @@
+"""Plumbing every stage shares: the CLI built from a dataclass, distributed init, seeding, logging
+and atomic checkpoints. Nothing here knows about PRISM; read a stage script first and come here only
+when it calls something.
+
+Importing this module does no work.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+# -----------------------------------------------------------------------------------------------
+# CLI from a dataclass
+
+
+def _field_comments(cls):
+    """Map field name -> the `# comment` written after it in the class source.
+
+    The config classes read like nanoGPT's globals (`lr: float = 1e-5  # peak learning rate`), so
+    the comment a student sees in the file is exactly the help text `-h` prints."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s*(\w+)\s*:[^=]*=.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _to_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(cls, argv=None):
+    """Build an argparse CLI from the dataclass `cls` and return an instance.
+
+    `--lr 1e-6` and `--lr=1e-6` both work (argparse), `-h` lists every field with its comment and
+    default, unknown flags and badly typed values exit with a one-line error. A bare boolean flag
+    (`--lora`) means true; `--lora false` is accepted too."""
+    comments = _field_comments(cls)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+    parser = argparse.ArgumentParser(description=doc[0] if doc else None,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)  # string annotations too
+        help_text = comments.get(f.name, " ")
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", type=_to_bool, nargs="?", const=True, default=f.default, help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def print_config(cfg):
+    print("config: " + json.dumps(dataclasses.asdict(cfg), indent=None, sort_keys=False))
+
+
+# -----------------------------------------------------------------------------------------------
+# Distributed init: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them we are one process.
+
+
+def init_distributed():
+    """Return (rank, local_rank, world_size, device). One code path for `python x.py` and torchrun.
+
+    CUDA gets one GPU per local rank and NCCL; CPU runs use gloo (that is how the 2-process tests
+    run on this machine)."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return 0, 0, 1, device
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    return rank, local_rank, world, device
+
+
+def is_dist():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier():
+    if is_dist():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over ranks in place (a no-op single-process) and return it."""
+    if is_dist():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def seed_everything(seed):
+    """Seed python and torch. Callers pass seed + rank so ranks sample different rollouts."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device):
+    """Peak memory: CUDA allocator peak on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# -----------------------------------------------------------------------------------------------
+# Logging
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_info(cfg):
+    """What a run needs to be reproduced: config, git commit, package versions, time."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    import importlib.metadata as md
+    versions = {}
+    for pkg in ("torch", "transformers", "tokenizers", "peft", "pillow", "bitsandbytes"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"config": dataclasses.asdict(cfg), "git_commit": commit or None, "versions": versions,
+            "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# -----------------------------------------------------------------------------------------------
+# Checkpoints, written so that a kill at any moment leaves the previous one usable.
+#
+# Layout:  out_dir/ckpt/step_000100/  (model + processor + trainer_state.pt + rng_rank*.pt + run.json)
+#          out_dir/ckpt/latest        (a text file naming the newest complete checkpoint)
+# A checkpoint is written into step_000100.tmp, renamed when complete, and only then does `latest`
+# move (os.replace of a small file is atomic). A kill mid-save leaves a .tmp folder that the next
+# save removes; `latest` still names the previous complete checkpoint.
+
+
+def save_checkpoint(out_dir, step, save_model, trainer_state, info, rank=0, keep=2):
+    """Write checkpoint `step` atomically. Every rank calls this (each saves its own RNG streams).
+
+    save_model(path) writes the weights (and processor) in Hugging Face format; trainer_state is a
+    dict of tensors / numbers (optimizer, scheduler, step) loaded later with weights_only=True."""
+    ckpt_root = os.path.join(out_dir, "ckpt")
+    final = os.path.join(ckpt_root, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()  # the folder must exist before the other ranks write their RNG files into it
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        save_model(tmp)
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "run.json"), "w") as f:
+            json.dump(info, f, indent=2)
+    barrier()  # every rank's RNG file is on disk before the checkpoint is declared complete
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(ckpt_root, "latest"), os.path.basename(final))
+        old = sorted(d for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d))[:-keep]
+        for d in old:
+            shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    barrier()  # nobody races ahead and reads `latest` before it moved
+    return final
+
+
+def write_dir_atomic(path, write):
+    """Call write(tmp_folder), then rename the folder to path: readers never see half a folder."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    # Move the old folder aside before the new one takes its name: a kill in between leaves both
+    # complete copies on disk (path.old and path) rather than none.
+    shutil.rmtree(path + ".old", ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, path + ".old")
+    os.replace(tmp, path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
+
+
+def _write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir):
+    """Path of the newest complete checkpoint under out_dir, or None."""
+    pointer = os.path.join(out_dir, "ckpt", "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(out_dir, "ckpt", f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def load_trainer_state(ckpt, rank=0):
+    """Trainer state and this rank's RNG streams; weights_only=True so no pickle code can run."""
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    rng_file = os.path.join(ckpt, f"rng_rank{rank}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+def rng_state():
+    # python's state is a tuple of ints; stored as a list so weights_only loading accepts it
+    version, internal, gauss = random.getstate()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
