@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 
 import torch
 
@@ -55,16 +56,15 @@ def parse_config(cls, argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)  # string annotations too
-        help_text = comments.get(f.name, " ")
-        if kind is bool:
+        help_text = comments.get(f.name, " ").replace("%", "%%")  # argparse formats help with %
+        if typing.get_origin(kind) is typing.Literal:  # a fixed set of values: argparse checks it
+            choices = typing.get_args(kind)
+            parser.add_argument(f"--{f.name}", type=type(choices[0]), choices=choices, default=f.default, help=help_text)
+        elif kind is bool:
             parser.add_argument(f"--{f.name}", type=_to_bool, nargs="?", const=True, default=f.default, help=help_text)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text)
     return cls(**vars(parser.parse_args(argv)))
-
-
-def print_config(cfg):
-    print("config: " + json.dumps(dataclasses.asdict(cfg), indent=None, sort_keys=False))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -126,6 +126,16 @@ def peak_memory_mb(device):
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def trim_jsonl(path, last_step):
+    """Keep only the records of steps <= last_step: a fresh run (last_step 0) starts an empty log,
+    and a resumed run drops what was logged after its checkpoint, so no step appears twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    _write_atomic(path, "".join(keep))
 
 
 def run_info(cfg):

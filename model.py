@@ -31,7 +31,7 @@ import shutil
 import torch
 
 CACHE_DIR = os.environ.get("NANOPRISM_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache"))
-BUILD_VERSION = 2  # bump when the embedded recipe changes, so stale caches are rebuilt
+BUILD_VERSION = 4  # bump when the embedded recipe changes, so stale caches are rebuilt
 
 HUB_ALIASES = {
     "Qwen3-VL-2B": "Qwen/Qwen3-VL-2B-Instruct",
@@ -149,8 +149,11 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
     if os.path.exists(os.path.join(path, "config.json")):
         return path
 
-    # the chat roles are in the corpus too, so "assistant" is one token, not nine
-    tokenizer = _train_tokenizer(task.corpus(seed=seed) + ["system user assistant"] * 50, vocab_size=384)
+    # The chat roles and the system prompt (which opens every prompt) are weighted up in the corpus
+    # so BPE merges them into few tokens: prompts get ~100 tokens shorter, every step gets faster.
+    from data import SYSTEM_PROMPT
+    corpus = task.corpus(seed=seed) + ["system user assistant"] * 50 + [SYSTEM_PROMPT] * 200
+    tokenizer = _train_tokenizer(corpus, vocab_size=512)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = spec["text"]["head_dim"]
     # M-RoPE splits each head's rotary frequencies between (time, height, width); the three parts
@@ -220,6 +223,8 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
     A folder holding adapter_config.json is one of our LoRA checkpoints: its base is loaded first,
     then the adapter on top, trainable (so --resume continues a LoRA run)."""
     from transformers import AutoModelForImageTextToText
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars drown our own progress bar
     path = resolve_model(name, seed=seed)
     adapter = os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json"))
     base_path = json.load(open(os.path.join(path, "adapter_config.json")))["base_model_name_or_path"] if adapter else path

@@ -1,6 +1,7 @@
 """The CLI generated from a dataclass, and atomic checkpoints."""
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ class Cfg:
     steps: int = 10  # optimizer steps
     name: str = "tiny"  # model name
     lora: bool = False  # use LoRA
+    attn: Literal["sdpa", "eager"] = "sdpa"  # attention kernel
 
 
 def test_cli_forms_and_types():
@@ -22,9 +24,10 @@ def test_cli_forms_and_types():
     assert common.parse_config(Cfg, ["--lr=2e-6", "--steps=3"]) == Cfg(lr=2e-6, steps=3)
     assert common.parse_config(Cfg, ["--lora"]).lora is True
     assert common.parse_config(Cfg, ["--lora", "false"]).lora is False
+    assert common.parse_config(Cfg, ["--attn", "eager"]).attn == "eager"
 
 
-@pytest.mark.parametrize("argv", [["--nope", "1"], ["--steps", "ten"], ["--lora", "maybe"]])
+@pytest.mark.parametrize("argv", [["--nope", "1"], ["--steps", "ten"], ["--lora", "maybe"], ["--attn", "flash"]])
 def test_cli_rejects_unknown_and_badly_typed(argv, capsys):
     with pytest.raises(SystemExit) as e:
         common.parse_config(Cfg, argv)

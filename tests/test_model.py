@@ -1,5 +1,4 @@
 """The embedded model: deterministic build, processor without torchvision, save/reload, options."""
-import json
 import os
 
 import pytest
