@@ -242,9 +242,12 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"], llm_int8_skip_modules=["model.visual", "lm_head"])
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantises while loading, onto this device
     try:
         model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
-        processor = load_processor(path if not adapter else (path if os.path.exists(os.path.join(path, "tokenizer_config.json")) else base_path))
+        # an adapter folder saved without its processor uses the base model's
+        no_processor = adapter and not os.path.exists(os.path.join(path, "tokenizer_config.json"))
+        processor = load_processor(base_path if no_processor else path)
     except OSError as e:
         raise SystemExit(f"error: cannot load model {name!r} from {base_path!r}: {str(e).splitlines()[0]}")
     if not qlora:
@@ -325,7 +328,7 @@ def generate(model, processor, rows, max_new_tokens=128, batch_size=32, do_sampl
     texts = []
     for i in range(0, len(rows), batch_size):
         enc = encode_prompts(rows[i:i + batch_size], processor).to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(tok),
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(tok), use_cache=True,
                              eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
                              **sampling)  # (b, prompt_len + new)
         texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -272,7 +272,7 @@ def main(argv=None):
                 tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
         if master:
             common.append_jsonl(metrics_path, record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", refresh=False)
 
         # ---- checkpoint
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step:

@@ -106,3 +106,20 @@ def test_aliases_and_unknown_model():
     assert models.resolve_model("Qwen3-VL-4B") == "Qwen/Qwen3-VL-4B-Instruct"
     with pytest.raises(SystemExit, match="cannot load model"):
         models.load_model("/nonexistent/folder", torch.device("cpu"))
+
+
+def test_qlora_quantises_the_language_model_only_and_trains_adapters(tiny):
+    """bitsandbytes 4-bit runs on CPU here, so the QLoRA path is exercised for real."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    path, _, processor = tiny
+    m, _, _ = models.load_model(path, torch.device("cpu"), qlora=True, lora_r=4)
+    quantised = [n for n, mod in m.named_modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    assert quantised and all("language_model" in n for n in quantised)
+    assert not any(isinstance(mod, bnb.nn.Linear4bit) for mod in m.base_model.model.model.visual.modules())
+    enc = prompt_batch(processor)
+    logits = m(**enc).logits
+    logits[:, -1].logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads.values())

@@ -95,3 +95,15 @@ def test_bad_input_gives_one_line_error(dataset, tmp_path):
     p = run_cli("sft.py", *common, "--skip_bad_rows")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "skipped 1 of 3 rows" in p.stdout
+
+
+@pytest.mark.parametrize("flag", ["--lora", "--qlora"])
+def test_lora_and_qlora_runs_save_adapters_and_resume(dataset, tmp_path, flag):
+    if flag == "--qlora":
+        pytest.importorskip("bitsandbytes")  # its 4-bit kernels run on CPU here
+    common = args(dataset, tmp_path, "--steps", "2", "--eval_every", "0", "--save_every", "1", "--eval_rows", "4", flag)
+    sft.main([*common, "--stop_after", "1"])
+    sft.main([*common, "--resume"])
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    assert os.path.exists(tmp_path / "final" / "adapter_model.safetensors")
+    assert json.load(open(tmp_path / "final" / "adapter_config.json"))["r"] == 16
