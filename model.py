@@ -226,6 +226,8 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars drown our own progress bar
     path = resolve_model(name, seed=seed)
+    if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        raise SystemExit(f"error: model folder {path} not found")
     adapter = os.path.isdir(path) and os.path.exists(os.path.join(path, "adapter_config.json"))
     base_path = json.load(open(os.path.join(path, "adapter_config.json")))["base_model_name_or_path"] if adapter else path
 
