@@ -187,7 +187,14 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
-    os.replace(tmp, path)  # atomic: a half-built folder is never picked up as the cache
+    try:
+        os.replace(tmp, path)  # atomic: a half-built folder is never picked up as the cache
+    except OSError:
+        # Under torchrun every rank builds on a cold cache; the first rename wins and the others'
+        # identical builds (same seed, same recipe) are thrown away.
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

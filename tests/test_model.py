@@ -123,3 +123,16 @@ def test_qlora_quantises_the_language_model_only_and_trains_adapters(tiny):
     grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
     assert grads and all("lora_" in n for n in grads)
     assert any(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_concurrent_builds_on_a_cold_cache_agree(tmp_path):
+    """torchrun ranks all build the embedded model when the cache is empty; none may crash."""
+    import subprocess
+    import sys
+    code = "import model; print(model.build_embedded('tiny', cache_dir=%r))" % str(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(models.__file__),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    assert [d for d in os.listdir(tmp_path) if ".tmp" in d] == []
