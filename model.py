@@ -103,9 +103,8 @@ def load_processor(path):
     from transformers import AutoImageProcessor, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
-    processor = _image_only_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
-    # Training pads on the right and generation on the left; data.py sets the side per call.
-    return processor
+    # Padding side is not fixed here: data.py pads training batches right and prompts left, per call.
+    return _image_only_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
 
 def vision_token_ids(tokenizer):

@@ -202,10 +202,10 @@ def main(argv=None):
     per_rank = cfg.batch_size // world
     micro = min(cfg.micro_batch_size, per_rank)
     pad_id = processor.tokenizer.pad_token_id
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    metrics_path, samples_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
     if master:
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            common.trim_jsonl(os.path.join(cfg.out_dir, name), start_step)
+        for path in (metrics_path, samples_path):
+            common.trim_jsonl(path, start_step)
     info = common.run_info(cfg)
     from tqdm import tqdm
     # Rows are tokenised when first used (the image processor is the slow part: ~2 ms a row for the
@@ -268,7 +268,7 @@ def main(argv=None):
             record.update({k: round(v, 4) for k, v in scores.items()})
             if master:
                 for s in samples:
-                    common.append_jsonl(os.path.join(cfg.out_dir, "samples.jsonl"), {"step": step + 1, **s})
+                    common.append_jsonl(samples_path, {"step": step + 1, **s})
                 tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
         if master:
             common.append_jsonl(metrics_path, record)
