@@ -211,6 +211,11 @@ def write_dir_atomic(path, write):
     shutil.rmtree(path + ".old", ignore_errors=True)
 
 
+def write_json_atomic(path, obj):
+    """A small JSON file written atomically (tmp file, fsync, rename)."""
+    _write_atomic(path, json.dumps(obj))
+
+
 def _write_atomic(path, text):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -31,7 +31,7 @@ import shutil
 import torch
 
 CACHE_DIR = os.environ.get("NANOPRISM_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache"))
-BUILD_VERSION = 4  # bump when the embedded recipe changes, so stale caches are rebuilt
+BUILD_VERSION = 5  # bump when the embedded recipe changes, so stale caches are rebuilt
 
 HUB_ALIASES = {
     "Qwen3-VL-2B": "Qwen/Qwen3-VL-2B-Instruct",
@@ -171,6 +171,7 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
+    config.nanoprism_preset = preset  # travels with every checkpoint saved from it (see is_embedded)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
@@ -195,6 +196,18 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def is_embedded(name):
+    """True for the embedded presets and for checkpoints trained from them (their config carries
+    `nanoprism_preset`): these start from random weights, so stages train their vision tower too."""
+    if name in PRESETS:
+        return True
+    config = os.path.join(os.path.expanduser(name), "config.json")
+    if os.path.isfile(os.path.join(os.path.expanduser(name), "adapter_config.json")):
+        base = json.load(open(os.path.join(os.path.expanduser(name), "adapter_config.json")))["base_model_name_or_path"]
+        return is_embedded(base)
+    return os.path.isfile(config) and "nanoprism_preset" in json.load(open(config))
 
 
 def resolve_model(name, seed=0):
@@ -299,6 +312,13 @@ def unwrap(model):
     """The plain model under a DDP wrapper (generate and save_pretrained live there)."""
     from torch.nn.parallel import DistributedDataParallel
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def hf_model(model):
+    """The transformers model itself, under DDP and peft wrappers (for its helper methods such as
+    get_rope_index and get_image_features; peft's wrapper forwards calls but not those)."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def save_pretrained(model, processor, path):

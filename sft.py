@@ -177,7 +177,7 @@ def main(argv=None):
     model, processor, _ = models.load_model(
         resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora, qlora=cfg.qlora,
         lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
-        train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in models.PRESETS))
+        train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and models.is_embedded(cfg.model)))
     total, trainable = models.count_params(model)
     log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
         + (f", resuming from {resume_from}" if resume_from else ""))

@@ -1,0 +1,345 @@
+"""Rollouts: sample N responses per prompt from the policy, and re-score them for the update.
+
+Shared by align.py (stage 2) and rlvr.py (stage 3). Our own batching instead of `model.generate`,
+because a group of N rollouts shares everything up to the first sampled token:
+
+  sample()                                 one call per RL step, no gradients
+    processor   once per prompt            (text + image -> ids, pixel patches)
+    prefill     once per prompt            (vision tower + prompt tokens -> KV cache)
+    expand      the cache N times          (rollouts of one prompt start from the same state)
+    decode      token by token             (temperature / top-p, stop at <|im_end|>, vision tokens
+                                            suppressed, the sampled token's log-prob recorded)
+  completion_logprobs()                    per micro-batch of the update, with gradients
+    vision      once per prompt in the micro-batch, features reused by its rollouts
+    forward     prompt + completion, logits kept for the completion only
+
+The policy. Everywhere in this project "the policy" is softmax(logits / temperature) with the
+vision special tokens (<|image_pad|> and friends) removed: a random or young policy samples them,
+and a sequence holding one cannot be re-scored ("Image features and image tokens do not match").
+Sampling and re-scoring mask the same tokens, so the recorded log-probs and the recomputed ones are
+the same distribution (tests/test_rollout.py checks they agree within 1e-4). With top_p < 1 the
+tokens are drawn from the truncated distribution but the recorded log-prob is the full one, as in
+verl; the ratio in the loss compares full distributions.
+
+Old log-probs. The update needs log pi_old(token) of the policy that sampled. That is exactly what
+sample() records, so no second forward pass is needed: not when the update is fully on-policy (the
+ratio is 1), and not in the off-policy case either (several mini-batches or PPO epochs), where the
+old policy *is* the sampling one. TRL and verl run that extra forward; we skip it.
+
+Positions. Qwen3-VL uses 3-D M-RoPE: image tokens get (time, height, width) positions and text
+positions continue from the largest one. Left padding and the image make the text position of the
+first sampled token differ per row, so decode steps pass explicit positions computed from the
+prompt's positions, and the re-scoring forward lets the model compute them for prompt+completion
+(attention mask given, mm_token_type_ids extended with zeros for the completion).
+
+Micro-batches are sized by a token budget (rows x padded length), so the same settings work for
+a 100-token toy prompt and a 2,000-token real one. Importing this module does no work.
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+from model import hf_model, unwrap, vision_token_ids
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts: B prompts x N samples, rollout i belongs to prompt group[i]."""
+    rows: list               # the B prompt rows (data.load_prompts format)
+    prompt: dict             # processor output for the B prompts, left padded: input_ids (B, P), ...
+    pixels: list             # per prompt: its pixel patches (n_patches, D) and grid rows (n_images, 3)
+    ids: torch.Tensor        # (BN, T) sampled tokens, right padded with the pad id
+    mask: torch.Tensor       # (BN, T) float, 1 for sampled tokens (up to and including <|im_end|>)
+    logp: torch.Tensor       # (BN, T) log-prob of each sampled token under the sampling policy
+    group: torch.Tensor      # (BN,) index into rows of each rollout's prompt
+    texts: list              # (BN) decoded responses (special tokens dropped, answer tags kept)
+    lengths: torch.Tensor    # (BN,) number of sampled tokens
+    truncated: torch.Tensor  # (BN,) bool, True when the budget ran out before <|im_end|>
+    blocked: list            # vision token ids masked out of the policy (sampling and re-scoring)
+    pad_id: int              # the tokenizer's pad id (padding of ids and prompts)
+
+    def __len__(self):
+        return len(self.texts)
+
+
+def prompt_order(seed, cursor, count, n):
+    """Dataset indices at stream positions [cursor, cursor + count): a fresh seeded permutation per
+    pass over the data. A pure function, so a resumed run (which saves the cursor) continues exactly."""
+    out = []
+    for pos in range(cursor, cursor + count):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + pos // n))
+        out.append(perm[pos % n].item())
+    return out
+
+
+def _per_prompt_pixels(enc, rows):
+    """Cut the processor's concatenated pixel patches back into one piece per prompt, so the
+    re-scoring forward can fetch any subset of prompts (each image has t*h*w patch rows)."""
+    counts = [len(r["images"]) for r in rows]
+    if "pixel_values" not in enc:
+        return [(None, None)] * len(rows)
+    grid = enc["image_grid_thw"]  # (n_images, 3)
+    patches = grid.prod(-1).tolist()
+    out, img, row0 = [], 0, 0
+    for c in counts:
+        n = sum(patches[img:img + c])
+        out.append((enc["pixel_values"][row0:row0 + n], grid[img:img + c]))
+        img, row0 = img + c, row0 + n
+    return out
+
+
+def _next_positions(m, enc):
+    """(B,) text position of each prompt's first sampled token: one past the prompt's largest M-RoPE
+    position (image tokens advance positions by the image's grid side, not its token count)."""
+    if "image_grid_thw" not in enc:
+        return enc["attention_mask"].sum(-1)
+    pos, _ = hf_model(m).model.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
+                                    image_grid_thw=enc["image_grid_thw"],
+                                    attention_mask=enc["attention_mask"])  # (3, B, P)
+    return pos.amax(dim=(0, 2)) + 1
+
+
+def _sample_token(logits, temperature, top_p):
+    """Draw one token per row from softmax(logits / temperature) (optionally nucleus-truncated) and
+    return it with its log-prob under the full tempered distribution. logits (b, V), masked."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (b, V)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    token = torch.multinomial(probs, 1)  # (b, 1)
+    return token, logp.gather(-1, token).squeeze(-1)
+
+
+@torch.no_grad()
+def _sample_chunk(m, enc, n, max_new_tokens, temperature, top_p, blocked, eos_id, pad_id):
+    """Prefill b prompts once, copy their KV cache n times, then decode b*n rows together."""
+    b = enc["input_ids"].shape[0]
+    start = _next_positions(m, enc).repeat_interleave(n)  # (bn,)
+    out = m(**enc, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)  # rows i*n .. i*n+n-1 are prompt i's rollouts
+    logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # (bn, V)
+    # attention over [left-padded prompt | tokens sampled so far]; finished rows keep attending
+    # (their outputs are ignored), so the mask for new tokens is all ones
+    P = enc["attention_mask"].shape[1]
+    attn = torch.cat([enc["attention_mask"].repeat_interleave(n, dim=0),
+                      torch.ones(b * n, max_new_tokens, dtype=enc["attention_mask"].dtype)], dim=1)  # (bn, P+T)
+    ids, logps = [], []
+    done = torch.zeros(b * n, dtype=torch.bool)  # (bn,)
+    for t in range(max_new_tokens):
+        logits[:, blocked] = float("-inf")
+        token, lp = _sample_token(logits, temperature, top_p)  # (bn, 1), (bn,)
+        token[done] = pad_id
+        ids.append(token)
+        logps.append(lp.masked_fill(done, 0.0))
+        done = done | (token[:, 0] == eos_id)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        positions = (start + t).view(1, -1, 1).expand(3, -1, -1)  # (3, bn, 1) same for t, h, w
+        out = m(input_ids=token, attention_mask=attn[:, :P + t + 1], position_ids=positions,
+                past_key_values=cache, use_cache=True)
+        logits, cache = out.logits[:, -1], out.past_key_values
+    ids = torch.cat(ids, dim=1)  # (bn, t)
+    # a token counts if it was sampled while the row was still running: up to and including EOS
+    ended = (ids == eos_id).long().cumsum(-1)  # (bn, t) 1 from the EOS on
+    mask = ((ended == 0) | ((ended == 1) & (ids == eos_id))).float()
+    return ids, mask, torch.stack(logps, dim=1) * mask, done
+
+
+def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p=1.0, token_budget=65536):
+    """Sample n responses for each prompt row (data.load_prompts format) -> Rollouts.
+
+    Prompts are processed in chunks of at most `token_budget` rollout tokens (chunk prompts x n x
+    (prompt + max_new_tokens)), the memory knob for the KV cache. Uses the global torch RNG, which
+    the stage scripts seed per rank and save in checkpoints, so a resumed run samples the same."""
+    m = unwrap(model)
+    was_training = m.training
+    m.eval()
+    device = next(m.parameters()).device
+    tok = processor.tokenizer
+    eos_id, pad_id = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
+    blocked = vision_token_ids(tok)
+    enc = data.encode_prompts(rows, processor)  # the only processor call: once per prompt
+    prompt_len = enc["input_ids"].shape[1]
+    per_chunk = max(1, token_budget // (n * (prompt_len + max_new_tokens)))
+    pixels = _per_prompt_pixels(enc, rows)
+    pieces = []
+    for c in range(0, len(rows), per_chunk):
+        sub = {k: v[c:c + per_chunk] for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw")}
+        if pixels[0][0] is not None:
+            sub["pixel_values"] = torch.cat([p for p, _ in pixels[c:c + per_chunk]])
+            sub["image_grid_thw"] = torch.cat([g for _, g in pixels[c:c + per_chunk]])
+        sub = {k: v.to(device) for k, v in sub.items()}
+        pieces.append([x.cpu() for x in _sample_chunk(m, sub, n, max_new_tokens, temperature, top_p,
+                                                      blocked, eos_id, pad_id)])
+    m.train(was_training)
+    # chunks may stop at different lengths: right-pad to the longest
+    T = max(p[0].shape[1] for p in pieces)
+
+    def cat(i, value):
+        return torch.cat([F.pad(p[i], (0, T - p[i].shape[1]), value=value) for p in pieces])
+    ids, mask, logp = cat(0, pad_id), cat(1, 0.0), cat(2, 0.0)  # (BN, T) each
+    done = torch.cat([p[3] for p in pieces])  # (BN,)
+    return Rollouts(rows=rows, prompt=enc, pixels=pixels, ids=ids, mask=mask, logp=logp,
+                    group=torch.arange(len(rows)).repeat_interleave(n),
+                    texts=tok.batch_decode(ids, skip_special_tokens=True),
+                    lengths=mask.sum(-1).long(), truncated=~done, blocked=blocked, pad_id=pad_id)
+
+
+def micro_batches(indices, rollouts, token_budget):
+    """Split rollout indices into micro-batches of at most token_budget padded tokens each."""
+    width = rollouts.prompt["input_ids"].shape[1] + rollouts.ids.shape[1]
+    size = max(1, token_budget // width)
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def completion_logprobs(model, rollouts, idx, temperature=1.0):
+    """(b, T) log-probs of the sampled tokens of rollouts idx under `model` (with gradients when
+    enabled). The model may be DDP-wrapped; it is called as a whole, so its hooks run.
+
+    Each prompt's image goes through the vision tower once, however many of its rollouts are in
+    idx; the features are handed to the model as precomputed encoder outputs."""
+    m = unwrap(model)
+    device = next(m.parameters()).device
+    idx = torch.as_tensor(idx)
+    groups = rollouts.group[idx]  # (b,)
+    enc, ids = rollouts.prompt, rollouts.ids[idx]  # ids (b, T)
+    T = ids.shape[1]
+    inputs = dict(
+        input_ids=torch.cat([enc["input_ids"][groups], ids], dim=1),  # (b, P+T)
+        attention_mask=torch.cat([enc["attention_mask"][groups], rollouts.mask[idx].long()], dim=1))
+    if "mm_token_type_ids" in enc:  # completion tokens are text: type 0
+        inputs["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"][groups], torch.zeros_like(ids)], dim=1)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if rollouts.pixels[0][0] is not None:
+        unique = groups.unique().tolist()
+        feats = hf_model(m).model.get_image_features(torch.cat([rollouts.pixels[g][0] for g in unique]).to(device),
+                                           torch.cat([rollouts.pixels[g][1] for g in unique]).to(device))
+        # map each rollout to its prompt's images (a prompt may hold several)
+        first, k = {}, 0
+        for g in unique:
+            first[g], k = k, k + len(rollouts.pixels[g][1])
+        order = [first[g] + j for g in groups.tolist() for j in range(len(rollouts.pixels[g][1]))]
+        feats.pooler_output = tuple(feats.pooler_output[j] for j in order)
+        feats.deepstack_features = [tuple(layer[j] for j in order) for layer in feats.deepstack_features]
+        inputs["image_grid_thw"] = torch.cat([rollouts.pixels[g][1] for g in groups.tolist()]).to(device)
+        inputs["mm_encoder_outputs"] = {"image": feats}
+    # the last T+1 positions hold the predictions for the T completion tokens (prompt is left
+    # padded, so the completion always starts at the same column); the last one is not needed
+    logits = model(**inputs, logits_to_keep=T + 1).logits[:, :-1].float()  # (b, T, V)
+    logits[..., rollouts.blocked] = float("-inf")
+    logits = logits / temperature
+    return logits.gather(-1, ids.to(device).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (b, T)
+
+
+def pass_rates(model, processor, rows, n, max_new_tokens, temperature=1.0, token_budget=65536, batch=16):
+    """Estimate each prompt's pass rate from n samples (the difficulty filter of REFERENCE 4)."""
+    rates = []
+    for i in range(0, len(rows), batch):
+        r = sample(model, processor, rows[i:i + batch], n, max_new_tokens, temperature, token_budget=token_budget)
+        acc = torch.tensor([data.reward(t, r.rows[g]["ground_truth"])["acc"] for t, g in zip(r.texts, r.group.tolist())])
+        rates += acc.view(-1, n).mean(-1).tolist()
+    return rates
+
+
+
+# -----------------------------------------------------------------------------------------------
+# The clipped policy update and the held-out check, shared by align.py and rlvr.py
+
+
+def policy_update(model, optimizer, params, r, advantages, idx, *, algo, loss_kwargs, ppo_epochs=1, mini_batches=1,
+                  temperature=1.0, token_budget=65536, grad_clip=1.0, kl_coef=0.0, ref_logprobs=None, world=1):
+    """Optimizer steps on rollouts `idx` of r with per-rollout advantages (BN,) -> averaged metrics.
+
+    ppo_epochs passes over the rollouts, each split into `mini_batches` optimizer steps; only the
+    very first is on-policy (ratio 1), every later one is the clipped off-policy case. Each
+    mini-batch is cut into micro-batches of token_budget padded tokens whose losses sum to the
+    mini-batch's loss: the aggregation divides by the mini-batch's token / sequence counts summed over
+    all ranks (global_tokens / global_seqs), and the loss is multiplied by `world` because DDP averages
+    gradients over ranks. Every rank must run the same number of mini-batches (DDP all-reduces in
+    each backward), so callers give every rank at least `mini_batches` rollouts.
+
+    ref_logprobs(idx) -> (b, T) gives the reference policy's log-probs when kl_coef > 0."""
+    import rl_losses
+    from common import all_reduce_sum
+    logs = []
+    for _ in range(ppo_epochs):
+        order = idx[torch.randperm(len(idx))]
+        for mb in order.chunk(mini_batches):
+            mask = r.mask[mb]  # (b, T)
+            # global counts of this optimizer step: all_reduce, every rank holds different rollouts
+            counts = all_reduce_sum(torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float))
+            step_log, grad_norm = {}, None
+            chunks = micro_batches(mb, r, token_budget)
+            for j, micro in enumerate(chunks):
+                logp = completion_logprobs(model, r, micro, temperature)  # (b, T) with gradients
+                device = logp.device
+                extra = dict(kl_coef=kl_coef, ref_logp=ref_logprobs(micro).to(device)) if kl_coef else {}
+                loss, m = rl_losses.policy_loss(logp, r.logp[micro].to(device), advantages[micro].to(device),
+                                                r.mask[micro].to(device), algo, global_tokens=counts[0].item(),
+                                                global_seqs=counts[1].item(), **loss_kwargs, **extra)
+                # DDP: sync gradients only in the last micro-batch's backward (same sum, fewer collectives)
+                sync = j == len(chunks) - 1 or world == 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    (loss * world).backward()
+                # micro-batch metrics are token-weighted so the step's numbers match one big batch
+                w = r.mask[micro].sum().item() / max(mask.sum().item(), 1.0)
+                for k, v in {"loss": loss.item(), **m}.items():
+                    step_log[k] = step_log.get(k, 0.0) + (v if k == "loss" else v * w)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            logs.append({**step_log, "grad_norm": grad_norm.item()})
+    return {k: sum(x[k] for x in logs) / len(logs) for k in logs[0]}
+
+
+@torch.no_grad()
+def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_size=64):
+    """Greedy pass@1 accuracy, format-valid rate and mean response length on held-out prompt rows,
+    split over ranks and summed (all_reduce), plus three samples. Greedy decoding, so the number is
+    reproducible; the model is unwrapped (no DDP collectives whose count could differ per rank)."""
+    from common import all_reduce_sum
+    from model import generate
+    mine = rows[rank::world]
+    responses = generate(model, processor, mine, max_new_tokens, batch_size)
+    rewards = [data.reward(x, row["ground_truth"]) for x, row in zip(responses, mine)]
+    lengths = [len(processor.tokenizer(x)["input_ids"]) for x in responses]
+    sums = all_reduce_sum(torch.tensor([sum(x["acc"] for x in rewards), sum(x["format"] for x in rewards),
+                                        sum(lengths), len(rewards)], dtype=torch.float))
+    samples = [{"prompt": row["messages"][-1]["content"], "response": x, "ground_truth": row["ground_truth"], **rw}
+               for x, row, rw in list(zip(responses, mine, rewards))[:3]]
+    return {"val_acc": (sums[0] / sums[3]).item(), "val_format": (sums[1] / sums[3]).item(),
+            "val_len": (sums[2] / sums[3]).item()}, samples
+
+
+def concat(parts):
+    """One Rollouts from several sample() calls (DAPO's extra generation rounds): prompts are left
+    padded to a common width, completions right padded, group indices renumbered."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt["input_ids"].shape[1] for p in parts)
+    T = max(p.ids.shape[1] for p in parts)
+    pad_id = parts[0].pad_id
+    prompt = {}
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if k in parts[0].prompt:
+            fill = pad_id if k == "input_ids" else 0
+            prompt[k] = torch.cat([F.pad(p.prompt[k], (P - p.prompt[k].shape[1], 0), value=fill) for p in parts])
+    if "image_grid_thw" in parts[0].prompt:
+        prompt["image_grid_thw"] = torch.cat([p.prompt["image_grid_thw"] for p in parts])
+    offsets = torch.tensor([0] + [len(p.rows) for p in parts]).cumsum(0)
+    return Rollouts(
+        rows=[row for p in parts for row in p.rows], prompt=prompt, pixels=[x for p in parts for x in p.pixels],
+        ids=torch.cat([F.pad(p.ids, (0, T - p.ids.shape[1]), value=pad_id) for p in parts]),
+        mask=torch.cat([F.pad(p.mask, (0, T - p.ids.shape[1])) for p in parts]),
+        logp=torch.cat([F.pad(p.logp, (0, T - p.ids.shape[1])) for p in parts]),
+        group=torch.cat([p.group + o for p, o in zip(parts, offsets)]), texts=[t for p in parts for t in p.texts],
+        lengths=torch.cat([p.lengths for p in parts]), truncated=torch.cat([p.truncated for p in parts]),
+        blocked=parts[0].blocked, pad_id=pad_id)

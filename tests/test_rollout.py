@@ -1,0 +1,85 @@
+"""Rollouts: the recorded sampling log-probs equal the re-scored ones, masks and chunking are right."""
+import pytest
+import torch
+
+import data
+import model as models
+import rollout
+import task
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    task.main(["--out", str(out), "--seed", "0", "--n_sft_public", "4", "--n_sft_teacher", "4",
+               "--n_align", "4", "--n_rl", "6", "--n_val", "4", "--n_test", "4"])
+    torch.manual_seed(0)
+    m, processor, _ = models.load_model("tiny", torch.device("cpu"), train_vision=True)
+    return m, processor, data.load_prompts(str(out / "rl_prompts.parquet"))
+
+
+def recomputed(m, r, temperature=1.0):
+    with torch.no_grad():
+        return rollout.completion_logprobs(m, r, torch.arange(len(r)), temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recomputed_logprobs_match_sampling(setup, temperature):
+    m, processor, rows = setup
+    torch.manual_seed(1)
+    # prompts of different lengths (left padding) and a budget that forces three prefill chunks
+    r = rollout.sample(m, processor, rows[:3], n=4, max_new_tokens=24, temperature=temperature,
+                       token_budget=4 * 200)
+    assert len(r) == 12 and r.ids.shape[0] == 12 and r.group.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    lp = recomputed(m, r, temperature)
+    diff = ((lp - r.logp) * r.mask).abs().max().item()
+    assert diff < 1e-4, diff
+    assert r.mask.sum() > 0
+
+
+def test_masks_stop_at_eos_and_never_sample_vision_tokens(setup):
+    m, processor, rows = setup
+    torch.manual_seed(2)
+    r = rollout.sample(m, processor, rows[:2], n=8, max_new_tokens=40)
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    for i in range(len(r)):
+        n = int(r.lengths[i])
+        assert r.mask[i, :n].all() and not r.mask[i, n:].any()  # mask is a prefix
+        valid = r.ids[i, :n].tolist()
+        assert eos not in valid[:-1]  # nothing is sampled after the EOS
+        assert (valid[-1] == eos) != bool(r.truncated[i]) or n == r.ids.shape[1]
+        assert not set(valid) & set(models.vision_token_ids(tok))
+        assert (r.logp[i, n:] == 0).all()
+
+
+def test_same_seed_same_rollouts_and_top_p(setup):
+    m, processor, rows = setup
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(rollout.sample(m, processor, rows[:2], n=3, max_new_tokens=16, top_p=0.5))
+    assert torch.equal(outs[0].ids, outs[1].ids)
+    # top_p 0.5 keeps few tokens: the recorded log-prob is still the full distribution's
+    lp = recomputed(m, outs[0])
+    assert ((lp - outs[0].logp) * outs[0].mask).abs().max() < 1e-4
+
+
+def test_logprobs_have_gradients_and_micro_batches_cover_everything(setup):
+    m, processor, rows = setup
+    torch.manual_seed(4)
+    r = rollout.sample(m, processor, rows[:2], n=3, max_new_tokens=8)
+    chunks = rollout.micro_batches(torch.arange(len(r)), r, token_budget=2 * (r.prompt["input_ids"].shape[1] + 8))
+    assert torch.cat(chunks).tolist() == list(range(6)) and all(len(c) <= 2 for c in chunks)
+    lp = rollout.completion_logprobs(m, r, chunks[1])
+    (lp * r.mask[chunks[1]]).sum().backward()
+    grads = [p.grad for p in m.model.visual.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)  # the image features are in the graph
+    m.zero_grad()
+
+
+def test_pass_rates_are_fractions(setup):
+    m, processor, rows = setup
+    torch.manual_seed(5)
+    rates = rollout.pass_rates(m, processor, rows[:3], n=4, max_new_tokens=8)
+    assert len(rates) == 3 and all(r in (0, 0.25, 0.5, 0.75, 1.0) for r in rates)
