@@ -1,0 +1,339 @@
+"""Stage 3 of PRISM: reinforcement learning with verifiable rewards (RLVR) by GRPO, DAPO or GSPO.
+
+What it does: samples N answers per prompt from the policy, scores each with the rule-based reward
+of REFERENCE section 1 (format-invalid 0, else 0.8 * correct + 0.2), turns rewards into advantages
+within each prompt's group, and takes clipped policy-gradient steps (rl_losses.py holds every
+formula, with its paper).
+
+One step, in order:
+  1. rollout     B prompts x N samples (rollout.sample: prefill once per prompt, our own decoding)
+  2. reward      data.reward per rollout; DAPO adds the overlong penalty
+  3. filter      DAPO dynamic sampling: drop groups whose accuracies are all equal (they carry no
+                 signal) and draw more prompts, at most --max_extra_rounds times
+  4. advantage   A_i = (r_i - mean_group) / (std_group + 1e-6)
+  5. update      --ppo_epochs x --mini_batches optimizer steps of the clipped loss of --algo
+  6. log, evaluate, checkpoint
+Where we differ from the paper (PRISM's verl runs; REFERENCE 4-5):
+  - the old log-probs are the ones recorded while sampling (rollout.py explains why that is exact);
+    verl recomputes them with a second forward pass.
+  - the tiny embedded model gets its own defaults: lr 1e-4 (paper: 1e-6), 4 prompts x 8 samples per
+    step (paper: 32 x 16), 128 new tokens (paper: 8192). The lr is constant, as in the paper.
+  - the difficulty filter (--difficulty_filter) estimates pass rates with the starting policy and
+    keeps prompts with 0 < p < 1, as the paper did with its aligned policy; off by default because
+    the tiny task is small enough that most prompts qualify.
+  - "Why is my loss 0?": with --ppo_epochs 1 --mini_batches 1 (the default and PRISM's setting) every
+    ratio is exactly 1, so the loss value is about -mean(A) ~ 0 while the gradient is not. Watch
+    grad_norm, reward and val_acc instead (see rl_losses.py).
+
+Run it:
+  CPU, embedded tiny model, from the SFT checkpoint (about 10 minutes on 2 cores):
+      python rlvr.py --model runs/sft/final --algo grpo
+  one GPU, QLoRA on a real model:
+      python rlvr.py --model Qwen3-VL-4B --qlora --grad_ckpt --data rl.parquet --val_data val.parquet \\
+          --lr 1e-6 --prompts_per_step 32 --group_size 16 --max_new_tokens 8192 --token_budget 32768
+  one node, 8 processes (each rank samples prompts_per_step / 8 prompts):
+      torchrun --nproc_per_node=8 rlvr.py --model runs/align/final --algo dapo --data rl.parquet ...
+The result is out_dir/final, a Hugging Face folder.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+import common
+import data
+import model as models
+import rl_losses
+import rollout
+import task
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    model: str = "runs/sft/final"  # starting policy: a checkpoint folder, tiny | small, a Qwen3-VL alias or hub id
+    data: str = "data/tiny/rl_prompts.parquet"  # RL prompts (verl parquet / JSONL) with ground truths
+    val_data: str = "data/tiny/val.parquet"  # held-out prompts for greedy evaluation
+    out_dir: str = "runs/rlvr"  # checkpoints, metrics.jsonl, samples.jsonl, final model
+    algo: Literal["grpo", "dapo", "gspo"] = "grpo"  # policy loss (rl_losses.LOSSES) with its paper defaults
+    seed: int = 0  # seed for prompt order and sampling (each rank adds its rank)
+    steps: int = 200  # RL steps (one batch of rollouts each)
+    prompts_per_step: int = 4  # prompts per step, summed over ranks (paper: 32)
+    group_size: int = 8  # rollouts per prompt, N (paper: 16)
+    max_new_tokens: int = 128  # response budget (paper: 8192)
+    temperature: float = 1.0  # sampling temperature; the loss uses the same one
+    top_p: float = 1.0  # nucleus sampling (1 = off)
+    lr: float = 1e-4  # constant learning rate (paper, real models: 1e-6)
+    weight_decay: float = 0.01  # AdamW weight decay (paper: 0.01)
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    ppo_epochs: int = 1  # passes over each batch of rollouts (>1: off-policy, clipping matters)
+    mini_batches: int = 1  # optimizer steps per pass (>1: off-policy after the first)
+    token_budget: int = 32768  # padded tokens per forward (micro-batch size), also caps rollout chunks
+    eps_low: float = -1.0  # lower clip range (-1 = the algorithm's default: 0.2, gspo 3e-4)
+    eps_high: float = -1.0  # upper clip range (-1 = default: grpo 0.2, dapo 0.28, gspo 4e-4)
+    agg: Literal["default", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                 "seq-mean-token-sum-norm"] = "default"  # loss aggregation (default: the algorithm's)
+    kl_coef: float = 0.0  # KL penalty to the starting policy (PRISM: 0); k3 estimator
+    dynamic_sampling: Literal["auto", "on", "off"] = "auto"  # drop all-equal groups (auto: on for dapo)
+    max_extra_rounds: int = 3  # extra generation rounds per step to refill dropped groups
+    overlong_buffer: int = -1  # DAPO overlong shaping buffer in tokens (-1: dapo max_new_tokens/4, else off; 0 = off)
+    difficulty_filter: bool = False  # keep prompts whose pass rate under the start policy is in (0, 1)
+    filter_samples: int = 8  # samples per prompt when estimating pass rates
+    eval_every: int = 50  # held-out evaluation every this many steps (and at the end; 0 = end only)
+    eval_rows: int = 200  # held-out prompts per evaluation
+    eval_batch_size: int = 64  # prompts per generate call in evaluation
+    samples_every: int = 10  # write a few rollouts to samples.jsonl every this many steps
+    save_every: int = 50  # checkpoint every this many steps
+    resume: bool = False  # continue from out_dir's latest checkpoint
+    stop_after: int = 0  # stop after this step without the final save, as if interrupted (0 = off)
+    skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping
+    lora: bool = False  # train LoRA adapters instead of all weights (the reference policy is the base)
+    qlora: bool = False  # 4-bit base weights + LoRA (needs bitsandbytes)
+    lora_r: int = 16  # LoRA rank
+    vision: Literal["auto", "frozen", "trained"] = "auto"  # auto: train the tower of embedded models only (see sft.py)
+    attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
+    grad_ckpt: bool = False  # gradient checkpointing
+    dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy under torchrun
+    threads: int = 0  # CPU threads for torch (0 = torch's default)
+
+
+def loss_overrides(cfg):
+    """The clip ranges and aggregation the user changed; everything else stays the paper default."""
+    out = {k: getattr(cfg, k) for k in ("eps_low", "eps_high") if getattr(cfg, k) >= 0}
+    if cfg.agg != "default":
+        out["agg"] = cfg.agg
+    if cfg.agg == "seq-mean-token-sum-norm":
+        out["max_len"] = cfg.max_new_tokens  # Dr.GRPO divides by the fixed generation budget
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    cfg = common.parse_config(Config, argv)
+    # ---- distributed init
+    rank, local_rank, world, device = common.init_distributed()
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    common.seed_everything(cfg.seed + rank)
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} ranks")
+    if cfg.group_size < 2:
+        raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts within a group)")
+    dynamic = cfg.dynamic_sampling == "on" or (cfg.dynamic_sampling == "auto" and cfg.algo == "dapo")
+    buffer = cfg.overlong_buffer if cfg.overlong_buffer >= 0 else (cfg.max_new_tokens // 4 if cfg.algo == "dapo" else 0)
+    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ---- data
+    try:
+        if master:
+            task.ensure_default([cfg.data, cfg.val_data], log=log)
+        common.barrier()  # the other ranks read the files rank 0 may have just written
+        rows = data.load_prompts(cfg.data, skip_bad_rows=cfg.skip_bad_rows, log=log)
+        val_rows = data.load_prompts(cfg.val_data, skip_bad_rows=cfg.skip_bad_rows, log=log)[:cfg.eval_rows]
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+
+    # ---- model
+    resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    model, processor, _ = models.load_model(
+        resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora, qlora=cfg.qlora,
+        lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
+        train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and models.is_embedded(cfg.model)))
+    total, trainable = models.count_params(model)
+    log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
+        + (f", resuming from {resume_from}" if resume_from else ""))
+    reference = None
+    if cfg.kl_coef > 0 and not (cfg.lora or cfg.qlora):
+        # a frozen copy of the starting policy; with LoRA the base under the adapter is the reference
+        reference, _, _ = models.load_model(cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, seed=cfg.seed)
+        reference.requires_grad_(False).eval()
+
+    # The difficulty filter (REFERENCE 4): pass rates under the starting policy, written once to a
+    # file the run (and any resume of it) then reads.
+    filter_file = os.path.join(cfg.out_dir, "difficulty_filter.json")
+    if cfg.difficulty_filter:
+        if not os.path.exists(filter_file):
+            mine = list(range(rank, len(rows), world))
+            rates = rollout.pass_rates(model, processor, [rows[i] for i in mine], cfg.filter_samples,
+                                       cfg.max_new_tokens, cfg.temperature, cfg.token_budget)
+            every = [None] * len(rows)
+            for i, p in zip(mine, rates):
+                every[i] = p
+            # all_reduce of a dense vector: each rank estimated a different slice of the prompts
+            dense = common.all_reduce_sum(torch.tensor([p if p is not None else 0.0 for p in every]))
+            if master:
+                common.write_json_atomic(filter_file, {"data": cfg.data, "samples": cfg.filter_samples,
+                                                       "pass_rates": dense.tolist()})
+            common.barrier()  # everyone reads the file rank 0 wrote
+        rates = json.load(open(filter_file))["pass_rates"]
+        kept = [r for r, p in zip(rows, rates) if 0 < p < 1]
+        log(f"difficulty filter: kept {len(kept)} of {len(rows)} prompts with 0 < pass rate < 1 ({filter_file})")
+        if not kept:
+            raise SystemExit("error: the difficulty filter kept no prompt (all pass rates are 0 or 1)")
+        rows = kept
+    log(f"data: {len(rows)} RL prompts, {len(val_rows)} held-out prompts")
+    model = models.wrap_distributed(model, device, cfg.dist)
+
+    # ---- optimizer: AdamW at a constant lr (paper), no weight decay on norms and biases
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    start_step, cursor = 0, 0
+    if resume_from:
+        state = common.load_trainer_state(resume_from, rank)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, cursor = state["step"], state["cursor"]
+
+    # ----------------------------------------------------------------------------- helpers
+    per_rank = cfg.prompts_per_step // world
+
+    def ref_logprobs(idx):
+        """Reference policy log-probs for the KL term: the disabled adapter, or the frozen copy."""
+        with torch.no_grad():
+            if reference is not None:
+                return rollout.completion_logprobs(reference, r, idx, cfg.temperature)
+            with models.unwrap(model).disable_adapter():
+                return rollout.completion_logprobs(model, r, idx, cfg.temperature)
+
+    def rewards_of(r):
+        """(BN,) reward and accuracy of each rollout, plus the DAPO overlong penalty."""
+        scored = [data.reward(t, r.rows[g]["ground_truth"]) for t, g in zip(r.texts, r.group.tolist())]
+        reward = torch.tensor([s["score"] for s in scored])
+        if buffer:
+            reward = reward + rl_losses.overlong_penalty(r.lengths, cfg.max_new_tokens, buffer)
+        return reward, torch.tensor([s["acc"] for s in scored]), torch.tensor([s["format"] for s in scored])
+
+    def collect(cursor):
+        """This step's rollouts on this rank -> (rollouts, kept groups, rewards, accs, formats, cursor,
+        rounds). Every round takes world * per_rank prompts from the shared stream (this rank takes
+        its slice), so the cursor stays identical on every rank."""
+        got, rounds = [], 0
+        while True:
+            idx = rollout.prompt_order(cfg.seed, cursor, per_rank * world, len(rows))[rank::world]
+            cursor += per_rank * world
+            r = rollout.sample(model, processor, [rows[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
+                               cfg.temperature, cfg.top_p, cfg.token_budget)
+            reward, acc, fmt = rewards_of(r)
+            keep = rl_losses.dynamic_sampling_keep(acc, r.group) if dynamic else torch.ones(len(r), dtype=torch.bool)
+            got.append((r, keep, reward, acc, fmt))
+            rounds += 1
+            kept_groups = sum(int(k.sum()) // cfg.group_size for _, k, *_ in got)
+            # all ranks do the same number of rounds (all_reduce): a round is collective-free, but the
+            # update that follows is not, and the shared cursor must advance the same everywhere
+            short = common.all_reduce_sum(torch.tensor(float(kept_groups < per_rank))).item() > 0
+            if not dynamic or not short or rounds > cfg.max_extra_rounds:
+                return got, cursor, rounds
+
+    # ----------------------------------------------------------------------------- loop
+    metrics_path, samples_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
+    if master:
+        for path in (metrics_path, samples_path):
+            common.trim_jsonl(path, start_step)
+    info = common.run_info(cfg)
+    from tqdm import tqdm
+    if start_step == 0:  # the starting point of the held-out curve (every rank evaluates its share)
+        scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size)
+        if master:
+            common.append_jsonl(metrics_path, {"step": 0, **{k: round(v, 4) for k, v in scores.items()}})
+        log("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not master,
+               desc=f"rlvr-{cfg.algo}", mininterval=1 if sys.stderr.isatty() else 30)
+    record = {}
+    model.train()
+    for step in bar:
+        t0 = time.time()
+        # ---- 1-3. rollout, reward, dynamic sampling
+        got, cursor, rounds = collect(cursor)
+        t_rollout = time.time() - t0
+        # one batch from all rounds; the kept groups come first in sampling order, and at most per_rank
+        # of them are trained on (DAPO drops the extras)
+        r = rollout.concat([g[0] for g in got])
+        keep, reward, acc, fmt = (torch.cat([g[i] for g in got]) for i in range(1, 5))  # (BN,) each
+        idx = torch.nonzero(keep).squeeze(-1)[:per_rank * cfg.group_size]  # (kept,)
+        empty = len(idx) < cfg.mini_batches
+        if empty:
+            idx = torch.arange(len(r))
+        # ---- 4. advantage
+        advantages = rl_losses.group_advantages(reward, r.group)  # (BN,)
+        if empty:
+            # nothing informative this step: keep the collectives in step (every rank must run the same
+            # backward calls) but zero the advantages, so the update is a no-op gradient
+            advantages.zero_()
+        # ---- 5. policy update
+        stats = rollout.policy_update(model, optimizer, params, r, advantages, idx, algo=cfg.algo,
+                                      loss_kwargs=loss_overrides(cfg), ppo_epochs=cfg.ppo_epochs,
+                                      mini_batches=cfg.mini_batches, temperature=cfg.temperature,
+                                      token_budget=cfg.token_budget, grad_clip=cfg.grad_clip, kl_coef=cfg.kl_coef,
+                                      ref_logprobs=ref_logprobs, world=world)
+        # ---- 6. log: rollout statistics summed over ranks (all_reduce: each rank sampled its own)
+        sums = common.all_reduce_sum(torch.tensor([
+            reward.sum(), acc.sum(), fmt.sum(), r.lengths.sum(), r.truncated.sum(), len(r),
+            0.0 if empty else len(idx)], dtype=torch.float))
+        dt = time.time() - t0
+        record = {"step": step + 1, "loss": round(stats["loss"], 5), "reward_mean": round((sums[0] / sums[5]).item(), 4),
+                  "acc_mean": round((sums[1] / sums[5]).item(), 4), "format_rate": round((sums[2] / sums[5]).item(), 4),
+                  "clip_frac": round(stats["clip_frac"], 4), "ratio_mean": round(stats["ratio_mean"], 4),
+                  "grad_norm": round(stats["grad_norm"], 4), "response_len": round((sums[3] / sums[5]).item(), 1),
+                  "truncated_frac": round((sums[4] / sums[5]).item(), 3), "kept_frac": round((sums[6] / sums[5]).item(), 3),
+                  "gen_rounds": rounds, "tokens_per_s": round((sums[3] / dt).item(), 1),
+                  "rollout_s": round(t_rollout, 3), "step_s": round(dt, 3),
+                  "peak_mem_mb": round(common.peak_memory_mb(device), 1), "lr": cfg.lr}
+        if cfg.kl_coef:
+            record["kl"] = round(stats.get("kl", 0.0), 5)
+        last_step = step + 1 == cfg.steps
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
+            scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens,
+                                               cfg.eval_batch_size)
+            record.update({k: round(v, 4) for k, v in scores.items()})
+            if master:
+                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+        if master:
+            common.append_jsonl(metrics_path, record)
+            if cfg.samples_every and (step + 1) % cfg.samples_every == 0:
+                for i in range(0, len(r), cfg.group_size)[:2]:  # the first rollout of two groups
+                    row = r.rows[r.group[i]]
+                    common.append_jsonl(samples_path, {
+                        "step": step + 1, "prompt": row["messages"][-1]["content"], "response": r.texts[i],
+                        "ground_truth": row["ground_truth"], "reward": reward[i].item(), "advantage": advantages[i].item()})
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['acc_mean']:.3f}",
+                            len=f"{record['response_len']:.0f}", refresh=False)
+
+        # ---- checkpoint
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step:
+            common.save_checkpoint(cfg.out_dir, step + 1, lambda path: models.save_pretrained(model, processor, path),
+                                   {"optimizer": optimizer.state_dict(), "step": step + 1, "cursor": cursor}, info, rank)
+        if cfg.stop_after and step + 1 >= cfg.stop_after:
+            log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
+            return
+
+    # ---- save
+    if master:
+        final = os.path.join(cfg.out_dir, "final")
+
+        def write(tmp):
+            models.save_pretrained(model, processor, tmp)
+            with open(os.path.join(tmp, "run.json"), "w") as f:
+                json.dump(info, f, indent=2)
+        common.write_dir_atomic(final, write)
+        log(f"saved {final}")
+        if "val_acc" in record:
+            start = json.loads(open(metrics_path).readline())
+            log(f"\n| held-out ({cfg.val_data}, {len(val_rows)} prompts) | start | after {cfg.algo} |\n|---|---|---|\n"
+                f"| format-valid rate | {start.get('val_format', float('nan')):.3f} | {record['val_format']:.3f} |\n"
+                f"| answer accuracy (greedy pass@1) | {start.get('val_acc', float('nan')):.3f} | {record['val_acc']:.3f} |")
+    common.barrier()  # no rank tears down the process group while rank 0 is still writing
+    if common.is_dist():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
