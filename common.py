@@ -105,6 +105,28 @@ def all_reduce_sum(t):
     return t
 
 
+def all_reduce_grads(params, average=False):
+    """Sum (or average) the gradients of params over ranks: what DDP does in its backward hooks,
+    done by hand for models that are called in pieces (the RL stages' shared-prompt forward), where
+    DDP's one-forward-one-backward bookkeeping does not fit. One flat buffer per dtype, one
+    collective each. A parameter without a gradient on this rank contributes zeros, so every rank
+    sends buffers of the same size."""
+    if not is_dist():
+        return
+    by_dtype = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        torch.distributed.all_reduce(flat)
+        if average:
+            flat /= torch.distributed.get_world_size()
+        offset = 0
+        for p in group:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+
 def seed_everything(seed):
     """Seed python and torch. Callers pass seed + rank so ranks sample different rollouts."""
     random.seed(seed)

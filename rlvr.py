@@ -181,7 +181,10 @@ def main(argv=None):
             raise SystemExit("error: the difficulty filter kept no prompt (all pass rates are 0 or 1)")
         rows = kept
     log(f"data: {len(rows)} RL prompts, {len(val_rows)} held-out prompts")
-    model = models.wrap_distributed(model, device, cfg.dist)
+    # No DDP wrapper: the update calls the model in two pieces (prompt, then completions), which DDP's
+    # bookkeeping does not allow, so rollout.policy_update all-reduces the gradients itself.
+    if cfg.dist == "fsdp":
+        model = models.wrap_distributed(model, device, cfg.dist)
 
     # ---- optimizer: AdamW at a constant lr (paper), no weight decay on norms and biases
     params = [p for p in model.parameters() if p.requires_grad]
@@ -273,7 +276,7 @@ def main(argv=None):
                                       loss_kwargs=loss_overrides(cfg), ppo_epochs=cfg.ppo_epochs,
                                       mini_batches=cfg.mini_batches, temperature=cfg.temperature,
                                       token_budget=cfg.token_budget, grad_clip=cfg.grad_clip, kl_coef=cfg.kl_coef,
-                                      ref_logprobs=ref_logprobs, world=world)
+                                      ref_logprobs=ref_logprobs)
         # ---- 6. log: rollout statistics summed over ranks (all_reduce: each rank sampled its own)
         sums = common.all_reduce_sum(torch.tensor([
             reward.sum(), acc.sum(), fmt.sum(), r.lengths.sum(), r.truncated.sum(), len(r),

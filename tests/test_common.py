@@ -1,5 +1,7 @@
 """The CLI generated from a dataclass, and atomic checkpoints."""
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -7,6 +9,8 @@ import pytest
 import torch
 
 import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -73,3 +77,22 @@ def test_rng_state_round_trip(tmp_path):
     torch.save(state, tmp_path / "rng.pt")
     common.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(a, torch.rand(3))
+
+
+def test_all_reduce_grads_sums_over_two_ranks(tmp_path):
+    # rank r holds gradient r+1 on one parameter and none on the other; the sum is 3 and 0 on both
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import torch, common\n"
+        "rank, _, world, _ = common.init_distributed()\n"
+        "a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))\n"
+        "a.grad = torch.full((3,), rank + 1.0)\n"
+        "common.all_reduce_grads([a, b])\n"
+        "assert torch.equal(a.grad, torch.full((3,), 3.0)) and torch.equal(b.grad, torch.zeros(2, 2))\n"
+        "a.grad = torch.full((3,), rank + 1.0)\n"
+        "common.all_reduce_grads([a], average=True)\n"
+        "assert torch.equal(a.grad, torch.full((3,), 1.5))\n"
+        "torch.distributed.destroy_process_group()\n")
+    p = subprocess.run(["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-1500:]

@@ -83,3 +83,19 @@ def test_pass_rates_are_fractions(setup):
     torch.manual_seed(5)
     rates = rollout.pass_rates(m, processor, rows[:3], n=4, max_new_tokens=8)
     assert len(rates) == 3 and all(r in (0, 0.25, 0.5, 0.75, 1.0) for r in rates)
+
+
+def test_shared_prefix_gives_the_plain_forwards_gradient(setup):
+    m, processor, rows = setup
+    torch.manual_seed(6)
+    r = rollout.sample(m, processor, rows[:2], n=3, max_new_tokens=10)
+    grads = []
+    for share in (True, False):
+        m.zero_grad()
+        lp = rollout.completion_logprobs(m, r, torch.tensor([0, 4, 1, 5]), share_prefix=share)
+        (lp * r.mask[[0, 4, 1, 5]] * torch.tensor([[1.0], [-2.0], [0.5], [3.0]])).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("visual" in n for n in grads[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
+    m.zero_grad()
