@@ -1,0 +1,339 @@
+"""Stage 2 of PRISM: alignment by black-box on-policy distillation against a MoE discriminator.
+
+What it does: before RL, pulls the SFT policy's own answers towards the teacher's, without any
+teacher logits. The policy's rollouts and the teacher's text-only reference answers play an
+adversarial game: a discriminator D (discriminator.py) learns to tell them apart, and the policy is
+rewarded for answers D finds teacher-like. D scores the two halves of an answer separately: the
+perception segment <caption>...</caption> and the reasoning segment <think>...</think><answer>...
+</answer>, so the policy learns to see and to reason like the teacher, each with its own signal.
+
+One step, in the order of REFERENCE section 3:
+  1. rollout    B prompts x N samples from the policy (rollout.sample)
+  2. score      D scores every valid rollout's caption (s_cap) and reasoning (s_cot), and the
+                teacher reference of each prompt (t_cap, t_cot); D as it is BEFORE its update
+  3. advantage  invalid rollouts get the group's worst valid score - 1, then
+                A = alpha * GN(s_cap) + (1 - alpha) * GN(s_cot) - format_penalty * invalid
+                (rl_losses.prism_advantages; GN = normalise within the prompt's group)
+  4. update D   on the same batch: Bradley-Terry, teacher should outscore student, over valid
+                rollouts, + a small score regulariser; if no rollout on any rank is valid, a weak
+                "push teacher scores up" fallback (rl_losses.disc_loss)
+  5. update pi  the clipped policy-gradient loss (rl_losses, --algo grpo by default), no KL
+  6. log, evaluate, checkpoint (policy and D together)
+Where we differ from the paper (official runs: REFERENCE 5):
+  - the tiny embedded models get their own learning rates (policy 1e-4 and D 1e-4, constant; paper
+    1e-6 for the policy), 4 prompts x 8 samples (paper 4 x 16), 128 new tokens (paper 6144).
+  - D's update adds 0.01 x the MoE load-balancing loss (as in its warm-up) so its router keeps
+    using every expert; --aux_coef 0 gives the loss of REFERENCE 3 exactly.
+  - under torchrun, D's Bradley-Terry means are per rank and its gradients are averaged over
+    ranks (the paper's verl averages over the global batch); the all-invalid fallback is global.
+  - the old log-probs are the ones recorded while sampling (rollout.py), not a second forward.
+  - "Why is the policy loss 0?" With one update per batch (the default, as in PRISM) every ratio is
+    1 and the loss is about -mean(A) ~ 0; the gradient is not zero (rl_losses.py).
+
+Run it (after sft.py and `python discriminator.py warmup`):
+  CPU, embedded tiny models (about 10 minutes on 2 cores):
+      python align.py --model runs/sft/final --disc runs/disc_warmup/final
+  one GPU, QLoRA policy, a warmed-up Qwen3-VL-2B discriminator:
+      python align.py --model Qwen3-VL-4B --qlora --grad_ckpt --disc runs/disc_warmup/final \\
+          --data align.parquet --lr 1e-6 --disc_lr 1e-6 --group_size 16 --max_new_tokens 6144
+  one node, 8 processes:
+      torchrun --nproc_per_node=8 align.py --model Qwen3-VL-4B --disc runs/disc_warmup/final --data align.parquet ...
+The result is out_dir/final (the policy, for rlvr.py --model) and out_dir/final/discriminator.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+import common
+import data
+import discriminator
+import model as models
+import rl_losses
+import rollout
+import task
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    model: str = "runs/sft/final"  # starting policy: a checkpoint folder, tiny | small, a Qwen3-VL alias or hub id
+    disc: str = "runs/disc_warmup/final"  # discriminator: a folder from discriminator.py warmup, or a backbone name to build fresh
+    disc_kind: Literal["moe", "dense", "text-only"] = "moe"  # only when --disc is a backbone name (ablations)
+    data: str = "data/tiny/align_prompts.parquet"  # alignment prompts with teacher references (verl parquet / JSONL)
+    val_data: str = "data/tiny/val.parquet"  # held-out prompts for greedy evaluation
+    out_dir: str = "runs/align"  # checkpoints, metrics.jsonl, samples.jsonl, final policy and discriminator
+    seed: int = 0  # seed for prompt order and sampling (each rank adds its rank)
+    steps: int = 150  # alignment steps (paper: 500)
+    prompts_per_step: int = 4  # prompts per step, summed over ranks (paper: 4)
+    group_size: int = 8  # rollouts per prompt, N (paper: 16)
+    max_new_tokens: int = 128  # response budget (paper: 6144)
+    temperature: float = 1.0  # sampling temperature (paper: 1.0); the loss uses the same one
+    algo: Literal["grpo", "dapo", "gspo"] = "grpo"  # clipped policy loss (rl_losses.LOSSES)
+    lr: float = 1e-4  # policy learning rate, constant (paper, real models: 1e-6)
+    disc_lr: float = 1e-4  # discriminator learning rate, constant
+    disc_steps: int = 1  # discriminator updates per policy update (same batch)
+    weight_decay: float = 0.01  # AdamW weight decay, both models (paper: 0.01)
+    grad_clip: float = 1.0  # clip each model's gradient norm (0 = off)
+    alpha: float = 0.5  # weight of the perception score in the advantage (paper: 0.5)
+    format_penalty: float = 1.5  # advantage penalty of a format-invalid rollout (paper: 1.5)
+    score_reg: float = 1e-3  # discriminator score regulariser (paper: 0.001)
+    fallback: float = 0.01  # weight of the all-invalid fallback loss (paper: 0.01)
+    aux_coef: float = 0.01  # MoE load-balancing loss weight in D's update (0 = REFERENCE's loss exactly)
+    ppo_epochs: int = 1  # passes over each batch of rollouts
+    mini_batches: int = 1  # policy optimizer steps per pass
+    token_budget: int = 32768  # padded tokens per forward (micro-batch size), also caps rollout chunks
+    disc_micro_batch: int = 64  # sequences per discriminator forward
+    eval_every: int = 50  # held-out evaluation every this many steps (and at the end; 0 = end only)
+    eval_rows: int = 200  # held-out prompts per evaluation
+    eval_batch_size: int = 64  # prompts per generate call in evaluation
+    samples_every: int = 10  # write a few rollouts with their scores to samples.jsonl every this many steps
+    save_every: int = 50  # checkpoint every this many steps
+    resume: bool = False  # continue from out_dir's latest checkpoint
+    stop_after: int = 0  # stop after this step without the final save, as if interrupted (0 = off)
+    skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping
+    lora: bool = False  # policy: LoRA adapters instead of all weights
+    qlora: bool = False  # policy: 4-bit base weights + LoRA (needs bitsandbytes)
+    lora_r: int = 16  # LoRA rank
+    vision: Literal["auto", "frozen", "trained"] = "auto"  # policy vision tower; auto: trained for embedded models only
+    attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
+    grad_ckpt: bool = False  # policy gradient checkpointing
+    dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy for the policy under torchrun
+    threads: int = 0  # CPU threads for torch (0 = torch's default)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    cfg = common.parse_config(Config, argv)
+    # ---- distributed init
+    rank, local_rank, world, device = common.init_distributed()
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    common.seed_everything(cfg.seed + rank)
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} ranks")
+    if cfg.group_size < 2:
+        raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts within a group)")
+    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # ---- data: every prompt carries its teacher reference (text only)
+    try:
+        if master:
+            task.ensure_default([cfg.data, cfg.val_data], log=log)
+        common.barrier()  # the other ranks read the files rank 0 may have just written
+        rows = data.load_prompts(cfg.data, require_teacher=True, skip_bad_rows=cfg.skip_bad_rows, log=log)
+        val_rows = data.load_prompts(cfg.val_data, skip_bad_rows=cfg.skip_bad_rows, log=log)[:cfg.eval_rows]
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    log(f"data: {len(rows)} alignment prompts, {len(val_rows)} held-out prompts")
+
+    # ---- models: the policy, and the discriminator (warmed up, or fresh from a backbone)
+    resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    model, processor, _ = models.load_model(
+        resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora, qlora=cfg.qlora,
+        lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
+        train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and models.is_embedded(cfg.model)))
+    disc_path = os.path.join(resume_from, "discriminator") if resume_from else cfg.disc
+    if os.path.isdir(disc_path):
+        disc, disc_processor = discriminator.load(disc_path, device, dtype=cfg.dtype, attn=cfg.attn)
+    elif disc_path.startswith(("/", ".", "~", "runs")):
+        raise SystemExit(f"error: discriminator folder {disc_path} not found; warm one up first: "
+                         "python discriminator.py warmup --policy runs/sft/final --out_dir runs/disc_warmup")
+    else:
+        log(f"discriminator: none warmed up, building a fresh {cfg.disc_kind} one on {disc_path}")
+        disc, disc_processor = discriminator.build(disc_path, device, kind=cfg.disc_kind, seed=cfg.seed)
+    total, trainable = models.count_params(model)
+    d_total, d_trainable = models.count_params(disc)
+    log(f"policy: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable); discriminator: "
+        f"{disc.cfg['kind']}, {disc.cfg['n_experts']} experts ({d_total / 1e6:.2f}M, {d_trainable / 1e6:.2f}M trainable)"
+        + (f"; resuming from {resume_from}" if resume_from else ""))
+    # No DDP wrapper: the update calls the model in two pieces (prompt, then completions), which DDP's
+    # bookkeeping does not allow, so rollout.policy_update all-reduces the gradients itself.
+    if cfg.dist == "fsdp":
+        model = models.wrap_distributed(model, device, cfg.dist)
+
+    # ---- optimizers: one per model, separate learning rates, constant (paper)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    disc_params = [p for p in disc.parameters() if p.requires_grad]
+    disc_optimizer = torch.optim.AdamW(discriminator.param_groups(disc, cfg.weight_decay), lr=cfg.disc_lr)
+    start_step, cursor = 0, 0
+    if resume_from:
+        state = common.load_trainer_state(resume_from, rank)
+        optimizer.load_state_dict(state["optimizer"])
+        disc_optimizer.load_state_dict(state["disc_optimizer"])
+        start_step, cursor = state["step"], state["cursor"]
+
+    # ----------------------------------------------------------------------------- helpers
+    per_rank = cfg.prompts_per_step // world
+
+    def segments(r):
+        """(valid (BN,) bool, captions, reasonings) of the rollouts; invalid ones get empty strings
+        (they are never scored: their scores are replaced in the advantage)."""
+        split = [data.split_segments(t) for t in r.texts]
+        valid = torch.tensor([c is not None for c, _ in split])
+        return valid, [c or "" for c, _ in split], [k or "" for _, k in split]
+
+    def score_all(r, valid, caps, cots):
+        """D's scores (with gradients when enabled): teacher (B,) for each prompt, students (BN,)
+        for the rollouts, 0 where invalid. One score() call per segment kind."""
+        v = torch.nonzero(valid).squeeze(-1).tolist()
+        out = {}
+        for which, teacher_key, student in (("cap", "teacher_caption", caps), ("cot", "teacher_cot", cots)):
+            prompts = r.rows + [r.rows[r.group[i]] for i in v]
+            texts = [row[teacher_key] for row in r.rows] + [student[i] for i in v]
+            scores, aux = discriminator.score(disc, disc_processor, prompts, texts, which, cfg.disc_micro_batch)
+            s = torch.zeros(len(r), device=scores.device).index_put((torch.tensor(v, dtype=torch.long),),
+                                                                    scores[len(r.rows):]) if v else scores.new_zeros(len(r))
+            out[which] = (scores[:len(r.rows)], s, aux, disc.stats["load"])
+        return out
+
+    def disc_update(r, valid, caps, cots, any_valid):
+        """Bradley-Terry on this batch: each valid rollout against its prompt's teacher reference."""
+        sc = score_all(r, valid, caps, cots)
+        (t_cap, s_cap, aux_cap, _), (t_cot, s_cot, aux_cot, _) = sc["cap"], sc["cot"]
+        g = r.group.to(t_cap.device)
+        loss, m = rl_losses.disc_loss(t_cap[g], t_cot[g], s_cap, s_cot, valid.to(t_cap.device), cfg.score_reg,
+                                      cfg.fallback, any_valid)
+        (loss + cfg.aux_coef * (aux_cap + aux_cot) / 2).backward()
+        # D is not DDP-wrapped either; average its gradients over ranks (each scored different rollouts)
+        common.all_reduce_grads(disc_params, average=True)
+        grad_norm = torch.nn.utils.clip_grad_norm_(disc_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        disc_optimizer.step()
+        disc_optimizer.zero_grad(set_to_none=True)
+        return {"disc_loss": loss.item(), "disc_grad_norm": grad_norm.item(), **m}
+
+    # ----------------------------------------------------------------------------- loop
+    metrics_path, samples_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
+    if master:
+        for path in (metrics_path, samples_path):
+            common.trim_jsonl(path, start_step)
+    info = common.run_info(cfg)
+    from tqdm import tqdm
+    if start_step == 0:  # the starting point of the held-out curve (every rank evaluates its share)
+        scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size)
+        if master:
+            common.append_jsonl(metrics_path, {"step": 0, **{k: round(v, 4) for k, v in scores.items()}})
+        log("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not master,
+               desc="align", mininterval=1 if sys.stderr.isatty() else 30)
+    record = {}
+    model.train()
+    disc.train()
+    for step in bar:
+        t0 = time.time()
+        # ---- 1. rollout: this rank's slice of the shared prompt stream (the cursor is the same everywhere)
+        idx = rollout.prompt_order(cfg.seed, cursor, per_rank * world, len(rows))[rank::world]
+        cursor += per_rank * world
+        r = rollout.sample(model, processor, [rows[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
+                           cfg.temperature, token_budget=cfg.token_budget)
+        t_rollout = time.time() - t0
+        valid, caps, cots = segments(r)
+        # any valid rollout on any rank? (all_reduce: decides between the BT loss and the fallback)
+        any_valid = common.all_reduce_sum(torch.tensor(float(valid.sum()))).item() > 0
+
+        # ---- 2. score with D before its update
+        with torch.no_grad():
+            sc = score_all(r, valid, caps, cots)
+        (t_cap, s_cap, _, load_cap), (t_cot, s_cot, _, load_cot) = sc["cap"], sc["cot"]
+
+        # ---- 3. advantage
+        advantages = rl_losses.prism_advantages(s_cap.cpu(), s_cot.cpu(), valid, r.group, cfg.alpha, cfg.format_penalty)
+
+        # ---- 4. discriminator update(s) on the same batch
+        for _ in range(cfg.disc_steps):
+            d_stats = disc_update(r, valid, caps, cots, any_valid)
+
+        # ---- 5. policy update
+        stats = rollout.policy_update(model, optimizer, params, r, advantages, torch.arange(len(r)), algo=cfg.algo,
+                                      loss_kwargs={}, ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
+                                      temperature=cfg.temperature, token_budget=cfg.token_budget,
+                                      grad_clip=cfg.grad_clip)
+
+        # ---- 6. log. Gaps and accuracies are from the pre-update scores (what the advantage used).
+        g = r.group.to(t_cap.device)
+        v = valid.to(t_cap.device)
+        acc = torch.tensor([data.reward(t, r.rows[k]["ground_truth"])["acc"] for t, k in zip(r.texts, r.group.tolist())])
+        # all_reduce: each rank scored its own rollouts; the logged numbers are global means
+        sums = common.all_reduce_sum(torch.tensor([
+            ((t_cap[g] - s_cap) * v).sum(), ((t_cot[g] - s_cot) * v).sum(), ((t_cap[g] > s_cap) & v).sum(),
+            ((t_cot[g] > s_cot) & v).sum(), v.sum(), len(r), r.lengths.sum(), acc.sum(), t_cap.mean(), t_cot.mean(),
+            (s_cap * v).sum(), (s_cot * v).sum()], dtype=torch.float).cpu())
+        nv = max(sums[4].item(), 1.0)
+        dt = time.time() - t0
+        record = {"step": step + 1, "loss": round(stats["loss"], 5), "gap_cap": round(sums[0].item() / nv, 4),
+                  "gap_cot": round(sums[1].item() / nv, 4), "disc_acc_cap": round(sums[2].item() / nv, 4),
+                  "disc_acc_cot": round(sums[3].item() / nv, 4), "format_rate": round((sums[4] / sums[5]).item(), 4),
+                  "response_len": round((sums[6] / sums[5]).item(), 1), "acc_mean": round((sums[7] / sums[5]).item(), 4),
+                  "t_cap": round(sums[8].item() / world, 3), "t_cot": round(sums[9].item() / world, 3),
+                  "s_cap": round(sums[10].item() / nv, 3), "s_cot": round(sums[11].item() / nv, 3),
+                  "adv_std": round(advantages.std().item(), 4), "disc_loss": round(d_stats["disc_loss"], 5),
+                  "disc_grad_norm": round(d_stats["disc_grad_norm"], 4), "clip_frac": round(stats["clip_frac"], 4),
+                  "grad_norm": round(stats["grad_norm"], 4), "router_load_cap": [round(x, 3) for x in load_cap],
+                  "router_load_cot": [round(x, 3) for x in load_cot], "tokens_per_s": round((sums[6] / dt).item(), 1),
+                  "rollout_s": round(t_rollout, 3), "step_s": round(dt, 3),
+                  "peak_mem_mb": round(common.peak_memory_mb(device), 1)}
+        last_step = step + 1 == cfg.steps
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
+            scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size)
+            record.update({k: round(v, 4) for k, v in scores.items()})
+            if master:
+                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+        if master:
+            common.append_jsonl(metrics_path, record)
+            if cfg.samples_every and (step + 1) % cfg.samples_every == 0:
+                for i in range(0, len(r), cfg.group_size)[:2]:  # the first rollout of two groups
+                    row = r.rows[r.group[i]]
+                    common.append_jsonl(samples_path, {
+                        "step": step + 1, "prompt": row["messages"][-1]["content"], "response": r.texts[i],
+                        "teacher": row["teacher_response"], "valid": bool(valid[i]), "s_cap": s_cap[i].item(),
+                        "s_cot": s_cot[i].item(), "t_cap": t_cap[r.group[i]].item(), "t_cot": t_cot[r.group[i]].item(),
+                        "advantage": advantages[i].item()})
+            bar.set_postfix(gap_cap=f"{record['gap_cap']:.2f}", gap_cot=f"{record['gap_cot']:.2f}",
+                            fmt=f"{record['format_rate']:.2f}", refresh=False)
+
+        # ---- checkpoint: both models and both optimizers, atomically together
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step:
+            def save_models(path):
+                models.save_pretrained(model, processor, path)
+                discriminator.save(disc, disc_processor, os.path.join(path, "discriminator"))
+            common.save_checkpoint(cfg.out_dir, step + 1, save_models,
+                                   {"optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
+                                    "step": step + 1, "cursor": cursor}, info, rank)
+        if cfg.stop_after and step + 1 >= cfg.stop_after:
+            log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
+            return
+
+    # ---- save
+    if master:
+        final = os.path.join(cfg.out_dir, "final")
+
+        def write(tmp):
+            models.save_pretrained(model, processor, tmp)
+            discriminator.save(disc, disc_processor, os.path.join(tmp, "discriminator"))
+            with open(os.path.join(tmp, "run.json"), "w") as f:
+                json.dump(info, f, indent=2)
+        common.write_dir_atomic(final, write)
+        log(f"saved {final}")
+        if "val_acc" in record:
+            start = json.loads(open(metrics_path).readline())
+            log(f"\n| held-out ({cfg.val_data}, {len(val_rows)} prompts) | start | after alignment |\n|---|---|---|\n"
+                f"| format-valid rate | {start.get('val_format', float('nan')):.3f} | {record['val_format']:.3f} |\n"
+                f"| answer accuracy (greedy pass@1) | {start.get('val_acc', float('nan')):.3f} | {record['val_acc']:.3f} |")
+    common.barrier()  # no rank tears down the process group while rank 0 is still writing
+    if common.is_dist():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
