@@ -74,7 +74,7 @@ class Config:
     group_size: int = 8  # rollouts per prompt, N (paper: 16)
     max_new_tokens: int = 128  # response budget (paper: 6144)
     temperature: float = 1.0  # sampling temperature (paper: 1.0); the loss uses the same one
-    algo: Literal["grpo", "dapo", "gspo"] = "grpo"  # clipped policy loss (rl_losses.LOSSES)
+    algo: str = "grpo"  # policy loss: a key of rl_losses.LOSSES (grpo, dapo, gspo, or one you add)
     lr: float = 1e-4  # policy learning rate, constant (paper, real models: 1e-6)
     disc_lr: float = 1e-4  # discriminator learning rate, constant
     disc_steps: int = 1  # discriminator updates per policy update (same batch)
@@ -120,6 +120,8 @@ def main(argv=None):
     common.seed_everything(cfg.seed + rank)
     if cfg.prompts_per_step % world:
         raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} ranks")
+    if cfg.algo not in rl_losses.LOSSES:
+        raise SystemExit(f"error: --algo {cfg.algo!r} is not in rl_losses.LOSSES ({', '.join(rl_losses.LOSSES)})")
     if cfg.group_size < 2:
         raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts within a group)")
     log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
@@ -198,9 +200,10 @@ def main(argv=None):
             out[which] = (scores[:len(r.rows)], s, aux, disc.stats["load"])
         return out
 
-    def disc_update(r, valid, caps, cots, any_valid):
-        """Bradley-Terry on this batch: each valid rollout against its prompt's teacher reference."""
-        sc = score_all(r, valid, caps, cots)
+    def disc_update(r, valid, caps, cots, any_valid, sc=None):
+        """Bradley-Terry on this batch: each valid rollout against its prompt's teacher reference.
+        sc: scores already computed with gradients (the first update reuses step 2's forward)."""
+        sc = sc or score_all(r, valid, caps, cots)
         (t_cap, s_cap, aux_cap, _), (t_cot, s_cot, aux_cot, _) = sc["cap"], sc["cot"]
         g = r.group.to(t_cap.device)
         loss, m = rl_losses.disc_loss(t_cap[g], t_cot[g], s_cap, s_cot, valid.to(t_cap.device), cfg.score_reg,
@@ -242,17 +245,18 @@ def main(argv=None):
         # any valid rollout on any rank? (all_reduce: decides between the BT loss and the fallback)
         any_valid = common.all_reduce_sum(torch.tensor(float(valid.sum()))).item() > 0
 
-        # ---- 2. score with D before its update
-        with torch.no_grad():
-            sc = score_all(r, valid, caps, cots)
+        # ---- 2. score with D before its update. One forward with gradients serves both the
+        # advantages (detached values) and D's first update below, which would recompute exactly these.
+        sc = score_all(r, valid, caps, cots)
         (t_cap, s_cap, _, load_cap), (t_cot, s_cot, _, load_cot) = sc["cap"], sc["cot"]
+        t_cap, s_cap, t_cot, s_cot = (x.detach() for x in (t_cap, s_cap, t_cot, s_cot))
 
         # ---- 3. advantage
         advantages = rl_losses.prism_advantages(s_cap.cpu(), s_cot.cpu(), valid, r.group, cfg.alpha, cfg.format_penalty)
 
         # ---- 4. discriminator update(s) on the same batch
-        for _ in range(cfg.disc_steps):
-            d_stats = disc_update(r, valid, caps, cots, any_valid)
+        for k in range(cfg.disc_steps):
+            d_stats = disc_update(r, valid, caps, cots, any_valid, sc if k == 0 else None)
 
         # ---- 5. policy update
         stats = rollout.policy_update(model, optimizer, params, r, advantages, torch.arange(len(r)), algo=cfg.algo,
@@ -278,7 +282,7 @@ def main(argv=None):
                   "t_cap": round(sums[8].item() / world, 3), "t_cot": round(sums[9].item() / world, 3),
                   "s_cap": round(sums[10].item() / nv, 3), "s_cot": round(sums[11].item() / nv, 3),
                   "adv_std": round(advantages.std().item(), 4), "disc_loss": round(d_stats["disc_loss"], 5),
-                  "disc_grad_norm": round(d_stats["disc_grad_norm"], 4), "clip_frac": round(stats["clip_frac"], 4),
+                  "disc_grad_norm": round(d_stats["disc_grad_norm"], 4), "clip_frac": round(stats.get("clip_frac", 0.0), 4),
                   "grad_norm": round(stats["grad_norm"], 4), "router_load_cap": [round(x, 3) for x in load_cap],
                   "router_load_cot": [round(x, 3) for x in load_cot], "tokens_per_s": round((sums[6] / dt).item(), 1),
                   "rollout_s": round(t_rollout, 3), "step_s": round(dt, 3),

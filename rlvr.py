@@ -60,7 +60,7 @@ class Config:
     data: str = "data/tiny/rl_prompts.parquet"  # RL prompts (verl parquet / JSONL) with ground truths
     val_data: str = "data/tiny/val.parquet"  # held-out prompts for greedy evaluation
     out_dir: str = "runs/rlvr"  # checkpoints, metrics.jsonl, samples.jsonl, final model
-    algo: Literal["grpo", "dapo", "gspo"] = "grpo"  # policy loss (rl_losses.LOSSES) with its paper defaults
+    algo: str = "grpo"  # policy loss: a key of rl_losses.LOSSES (grpo, dapo, gspo, or one you add)
     seed: int = 0  # seed for prompt order and sampling (each rank adds its rank)
     steps: int = 200  # RL steps (one batch of rollouts each)
     prompts_per_step: int = 4  # prompts per step, summed over ranks (paper: 32)
@@ -125,6 +125,8 @@ def main(argv=None):
     common.seed_everything(cfg.seed + rank)
     if cfg.prompts_per_step % world:
         raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} ranks")
+    if cfg.algo not in rl_losses.LOSSES:
+        raise SystemExit(f"error: --algo {cfg.algo!r} is not in rl_losses.LOSSES ({', '.join(rl_losses.LOSSES)})")
     if cfg.group_size < 2:
         raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts within a group)")
     dynamic = cfg.dynamic_sampling == "on" or (cfg.dynamic_sampling == "auto" and cfg.algo == "dapo")
@@ -284,7 +286,7 @@ def main(argv=None):
         dt = time.time() - t0
         record = {"step": step + 1, "loss": round(stats["loss"], 5), "reward_mean": round((sums[0] / sums[5]).item(), 4),
                   "acc_mean": round((sums[1] / sums[5]).item(), 4), "format_rate": round((sums[2] / sums[5]).item(), 4),
-                  "clip_frac": round(stats["clip_frac"], 4), "ratio_mean": round(stats["ratio_mean"], 4),
+                  "clip_frac": round(stats.get("clip_frac", 0.0), 4), "ratio_mean": round(stats.get("ratio_mean", 1.0), 4),
                   "grad_norm": round(stats["grad_norm"], 4), "response_len": round((sums[3] / sums[5]).item(), 1),
                   "truncated_frac": round((sums[4] / sums[5]).item(), 3), "kept_frac": round((sums[6] / sums[5]).item(), 3),
                   "gen_rounds": rounds, "tokens_per_s": round((sums[3] / dt).item(), 1),

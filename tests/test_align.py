@@ -75,7 +75,7 @@ def test_one_step_changes_policy_and_discriminator(dataset, tmp_path, monkeypatc
 @pytest.mark.parametrize("kind", ["dense", "text-only"])
 def test_ablation_discriminators_run(dataset, tmp_path, kind, monkeypatch):
     fake_valid_texts(monkeypatch)
-    align.main(args(dataset, tmp_path, "--steps", "1", "--disc_kind", kind))
+    align.main(args(dataset, tmp_path, "--steps", "1", "--disc_kind", kind, "--disc_steps", "2"))
     cfg = json.load(open(tmp_path / "final" / "discriminator" / "disc_config.json"))
     assert cfg["kind"] == kind
 

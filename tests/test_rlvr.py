@@ -138,3 +138,23 @@ def test_update_raises_logprob_of_positive_advantage(dataset):
         after = (rollout.completion_logprobs(m, r, torch.arange(2)) * r.mask).sum(-1)
     assert after[0] > before[0] and after[1] < before[1]
     assert rl_losses.LOSSES["grpo"] is rl_losses.grpo_loss
+
+
+def test_a_new_loss_is_one_function_and_one_dict_entry(dataset, tmp_path, monkeypatch):
+    # the README's example, verbatim: vanilla policy gradient (REINFORCE with the group baseline)
+    def pg_loss(logp, old_logp, advantages, mask, agg="token-mean", max_len=None,
+                global_tokens=None, global_seqs=None):
+        """L = -A_i * logp_t: no ratio, no clipping (Williams 1992)."""
+        loss_t = -advantages.detach()[:, None] * logp  # (B, T)
+        loss = rl_losses.aggregate(loss_t, mask, agg, max_len, global_tokens, global_seqs)
+        return loss, {"pg_tokens": float(mask.sum())}
+
+    monkeypatch.setitem(rl_losses.LOSSES, "pg", pg_loss)
+    monkeypatch.setattr(data, "reward", fake_reward)
+    rlvr.main(args(dataset, tmp_path, "--algo", "pg", "--steps", "1", "--eval_every", "0"))
+    assert metrics(tmp_path)[1]["grad_norm"] > 0
+
+
+def test_unknown_algo_is_one_line(dataset, tmp_path):
+    with pytest.raises(SystemExit, match="not in rl_losses.LOSSES"):
+        rlvr.main(args(dataset, tmp_path, "--algo", "ppo2"))
