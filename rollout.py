@@ -326,22 +326,35 @@ def policy_update(model, optimizer, params, r, advantages, idx, *, algo, loss_kw
 
 
 @torch.no_grad()
-def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_size=64):
-    """Greedy pass@1 accuracy, format-valid rate and mean response length on held-out prompt rows,
-    split over ranks and summed (all_reduce), plus three samples. Greedy decoding, so the number is
-    reproducible; the model is unwrapped (no DDP collectives whose count could differ per rank)."""
+def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_size=64, k=4, seed=1234):
+    """Held-out numbers on prompt rows, split over ranks and summed (all_reduce), plus three samples:
+      val_acc     greedy pass@1 accuracy (reproducible, the usual headline)
+      val_acc_k   mean accuracy of k samples at temperature 1 (what RL optimises; 0 = skip)
+      val_format  format-valid rate (greedy), val_len mean greedy response length in tokens
+    Sampling runs under its own seed inside fork_rng, so evaluating never shifts the training RNG
+    stream (a resumed run stays bitwise equal). The model is unwrapped (no DDP collectives)."""
     from common import all_reduce_sum
     from model import generate
     mine = rows[rank::world]
     responses = generate(model, processor, mine, max_new_tokens, batch_size)
     rewards = [data.reward(x, row["ground_truth"]) for x, row in zip(responses, mine)]
     lengths = [len(processor.tokenizer(x)["input_ids"]) for x in responses]
+    sampled = []
+    if k:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + rank)
+            for i in range(0, len(mine), max(1, batch_size // k)):
+                r = sample(model, processor, mine[i:i + max(1, batch_size // k)], k, max_new_tokens)
+                sampled += [data.reward(t, r.rows[g]["ground_truth"])["acc"] for t, g in zip(r.texts, r.group.tolist())]
     sums = all_reduce_sum(torch.tensor([sum(x["acc"] for x in rewards), sum(x["format"] for x in rewards),
-                                        sum(lengths), len(rewards)], dtype=torch.float))
+                                        sum(lengths), len(rewards), sum(sampled), len(sampled)], dtype=torch.float))
     samples = [{"prompt": row["messages"][-1]["content"], "response": x, "ground_truth": row["ground_truth"], **rw}
                for x, row, rw in list(zip(responses, mine, rewards))[:3]]
-    return {"val_acc": (sums[0] / sums[3]).item(), "val_format": (sums[1] / sums[3]).item(),
-            "val_len": (sums[2] / sums[3]).item()}, samples
+    out = {"val_acc": (sums[0] / sums[3]).item(), "val_format": (sums[1] / sums[3]).item(),
+           "val_len": (sums[2] / sums[3]).item()}
+    if k:
+        out["val_acc_k"] = (sums[4] / sums[5]).item()
+    return out, samples
 
 
 def concat(parts):
