@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup demo test data clean
+.PHONY: setup demo test data clean reproduce
 
 setup: $(STAMP)
 
@@ -17,13 +17,32 @@ $(STAMP): requirements.txt
 data: setup
 	$(PY) task.py --out data/tiny --seed 0
 
-# The main job on the embedded default. Today: synthetic data -> SFT -> held-out table.
+# The main job on the embedded default: PRISM's claim at toy scale. Two arms with the same seed and
+# the same RLVR budget, (a) SFT -> GRPO and (b) SFT -> align -> GRPO, then one evaluation of every
+# stage on the held-out test split (table in runs/eval/results.md, plots next to it).
 demo: setup
 	$(PY) task.py --out data/tiny --seed 0
 	$(PY) sft.py --out_dir runs/sft
+	$(PY) rlvr.py --model runs/sft/final --algo grpo --out_dir runs/rl_sft $(RL_FLAGS)
+	$(PY) discriminator.py warmup --policy runs/sft/final --out_dir runs/disc_warmup --epochs 3
+	$(PY) align.py --model runs/sft/final --disc runs/disc_warmup/final --out_dir runs/align $(ALIGN_FLAGS)
+	$(PY) rlvr.py --model runs/align/final --algo grpo --out_dir runs/rl_align $(RL_FLAGS)
+	$(PY) evaluate.py --data data/tiny/test.parquet --out_dir runs/eval $(EVAL_FLAGS) \
+	    --models base=tiny,sft=runs/sft/final,aligned=runs/align/final,sft-grpo=runs/rl_sft/final,align-grpo=runs/rl_align/final \
+	    --align_log runs/align/metrics.jsonl --rl_logs sft-grpo=runs/rl_sft/metrics.jsonl,align-grpo=runs/rl_align/metrics.jsonl
+
+# Settings of the demo's RL and alignment stages (fixed before looking at the test split).
+RL_FLAGS := --steps 300 --eval_every 0
+ALIGN_FLAGS := --steps 150 --eval_every 0
+EVAL_FLAGS := --k 4
 
 test: setup
 	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf runs data cache .pytest_cache
+
+# The longer reproduction: the `small` preset, 3 seeds, both arms, GRPO/DAPO/GSPO and the discriminator
+# ablations; resumable (finished stages are skipped). Wall time: see README.
+reproduce: setup
+	$(PY) reproduce.py

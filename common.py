@@ -89,6 +89,38 @@ def init_distributed():
     return rank, local_rank, world, device
 
 
+def start(cfg):
+    """The opening of every stage: distributed init, threads, seeds (seed + rank), the resolved
+    config printed and out_dir created. -> (rank, world, device, log); log prints on rank 0 only."""
+    rank, _, world, device = init_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if getattr(cfg, "threads", 0):
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed + rank)
+    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    return rank, world, device, log
+
+
+def finish():
+    """The end of every stage: no rank tears down the process group while rank 0 still writes."""
+    barrier()
+    if is_dist():
+        torch.distributed.destroy_process_group()
+
+
+def save_final(out_dir, save_models, info):
+    """Rank 0: write out_dir/final atomically (the models via save_models(folder), plus run.json)."""
+    final = os.path.join(out_dir, "final")
+
+    def write(tmp):
+        save_models(tmp)
+        with open(os.path.join(tmp, "run.json"), "w") as f:
+            json.dump(info, f, indent=2)
+    write_dir_atomic(final, write)
+    return final
+
+
 def is_dist():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -148,6 +180,16 @@ def peak_memory_mb(device):
 def append_jsonl(path, record):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def open_logs(out_dir, start_step, master):
+    """(metrics.jsonl, samples.jsonl) paths of a run; rank 0 trims them to start_step, so a resumed
+    run never logs a step twice and a fresh run starts empty."""
+    paths = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "samples.jsonl")
+    if master:
+        for path in paths:
+            trim_jsonl(path, start_step)
+    return paths
 
 
 def trim_jsonl(path, last_step):

@@ -140,8 +140,13 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
 
     Deterministic: the corpus, the tokenizer and the weights all come from `seed`. The cache key
     hashes the recipe, so editing PRESETS or BUILD_VERSION rebuilds instead of reusing stale files."""
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
     import task
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
     spec = PRESETS[preset]
     key = hashlib.sha256(json.dumps([spec, seed, image_size, BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"{preset}-seed{seed}-{key}")
@@ -292,6 +297,15 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
         model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
                                                  target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     return model, processor, path
+
+
+def load_policy(cfg, device, resume_from=None):
+    """load_model with a stage config's options -> (model, processor, path). `--vision auto` trains
+    the tower only when it has never been trained (the random-init presets: a frozen random encoder
+    cannot learn to see); any trained tower stays frozen, as in the paper."""
+    return load_model(resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora,
+                      qlora=cfg.qlora, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
+                      train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in PRESETS))
 
 
 def wrap_distributed(model, device, strategy="ddp"):

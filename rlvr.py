@@ -36,7 +36,6 @@ Run it:
       torchrun --nproc_per_node=8 rlvr.py --model runs/align/final --algo dapo --data rl.parquet ...
 The result is out_dir/final, a Hugging Face folder.
 """
-import dataclasses
 import json
 import os
 import sys
@@ -97,7 +96,7 @@ class Config:
     lora: bool = False  # train LoRA adapters instead of all weights (the reference policy is the base)
     qlora: bool = False  # 4-bit base weights + LoRA (needs bitsandbytes)
     lora_r: int = 16  # LoRA rank
-    vision: Literal["auto", "frozen", "trained"] = "auto"  # auto: train the tower of embedded models only (see sft.py)
+    vision: Literal["auto", "frozen", "trained"] = "auto"  # auto: frozen (paper), except a never-trained random tower (tiny/small)
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # gradient checkpointing
@@ -118,23 +117,12 @@ def loss_overrides(cfg):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     cfg = common.parse_config(Config, argv)
-    # ---- distributed init
-    rank, local_rank, world, device = common.init_distributed()
+    # ---- distributed init (torchrun sets RANK / WORLD_SIZE; without them: one process)
+    rank, world, device, log = common.start(cfg)
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    common.seed_everything(cfg.seed + rank)
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} ranks")
-    if cfg.algo not in rl_losses.LOSSES:
-        raise SystemExit(f"error: --algo {cfg.algo!r} is not in rl_losses.LOSSES ({', '.join(rl_losses.LOSSES)})")
-    if cfg.group_size < 2:
-        raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts within a group)")
+    rollout.check_config(cfg, world)
     dynamic = cfg.dynamic_sampling == "on" or (cfg.dynamic_sampling == "auto" and cfg.algo == "dapo")
     buffer = cfg.overlong_buffer if cfg.overlong_buffer >= 0 else (cfg.max_new_tokens // 4 if cfg.algo == "dapo" else 0)
-    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
 
     # ---- data
     try:
@@ -148,10 +136,7 @@ def main(argv=None):
 
     # ---- model
     resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    model, processor, _ = models.load_model(
-        resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora, qlora=cfg.qlora,
-        lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
-        train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and models.is_embedded(cfg.model)))
+    model, processor, _ = models.load_policy(cfg, device, resume_from)
     total, trainable = models.count_params(model)
     log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
         + (f", resuming from {resume_from}" if resume_from else ""))
@@ -241,10 +226,7 @@ def main(argv=None):
                 return got, cursor, rounds
 
     # ----------------------------------------------------------------------------- loop
-    metrics_path, samples_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
-    if master:
-        for path in (metrics_path, samples_path):
-            common.trim_jsonl(path, start_step)
+    metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
     info = common.run_info(cfg)
     from tqdm import tqdm
     if start_step == 0:  # the starting point of the held-out curve (every rank evaluates its share)
@@ -252,7 +234,6 @@ def main(argv=None):
                                      cfg.eval_k)
         if master:
             common.append_jsonl(metrics_path, {"step": 0, **{k: round(v, 4) for k, v in scores.items()}})
-        log("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not master,
                desc=f"rlvr-{cfg.algo}", mininterval=1 if sys.stderr.isatty() else 30)
     record = {}
@@ -325,24 +306,9 @@ def main(argv=None):
 
     # ---- save
     if master:
-        final = os.path.join(cfg.out_dir, "final")
-
-        def write(tmp):
-            models.save_pretrained(model, processor, tmp)
-            with open(os.path.join(tmp, "run.json"), "w") as f:
-                json.dump(info, f, indent=2)
-        common.write_dir_atomic(final, write)
-        log(f"saved {final}")
-        if "val_acc" in record:
-            start = json.loads(open(metrics_path).readline())
-            log(f"\n| held-out ({cfg.val_data}, {len(val_rows)} prompts) | start | after {cfg.algo} |\n|---|---|---|\n"
-                f"| format-valid rate | {start.get('val_format', float('nan')):.3f} | {record['val_format']:.3f} |\n"
-                f"| answer accuracy (greedy pass@1) | {start.get('val_acc', float('nan')):.3f} | {record['val_acc']:.3f} |"
-                + (f"\n| answer accuracy (mean of {cfg.eval_k} samples, T=1) | {start.get('val_acc_k', float('nan')):.3f} | "
-                   f"{record['val_acc_k']:.3f} |" if "val_acc_k" in record else ""))
-    common.barrier()  # no rank tears down the process group while rank 0 is still writing
-    if common.is_dist():
-        torch.distributed.destroy_process_group()
+        log(f"saved {common.save_final(cfg.out_dir, lambda path: models.save_pretrained(model, processor, path), info)}")
+        log(rollout.start_end_table(metrics_path, record, f"{cfg.val_data}, {len(val_rows)} prompts", f"after {cfg.algo}"))
+    common.finish()
 
 
 if __name__ == "__main__":

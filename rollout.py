@@ -65,6 +65,17 @@ class Rollouts:
         return len(self.texts)
 
 
+def check_config(cfg, world):
+    """One-line errors for RL settings that cannot work (shared by align.py and rlvr.py)."""
+    import rl_losses
+    if cfg.prompts_per_step % world:
+        raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} ranks")
+    if cfg.algo not in rl_losses.LOSSES:
+        raise SystemExit(f"error: --algo {cfg.algo!r} is not in rl_losses.LOSSES ({', '.join(rl_losses.LOSSES)})")
+    if cfg.group_size < 2:
+        raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts within a group)")
+
+
 def prompt_order(seed, cursor, count, n):
     """Dataset indices at stream positions [cursor, cursor + count): a fresh seeded permutation per
     pass over the data. A pure function, so a resumed run (which saves the cursor) continues exactly."""
@@ -355,6 +366,21 @@ def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_
     if k:
         out["val_acc_k"] = (sums[4] / sums[5]).item()
     return out, samples
+
+
+def start_end_table(metrics_path, record, where, label):
+    """The markdown table a stage prints at the end: held-out numbers at step 0 (the first line of
+    metrics.jsonl) and now (record); empty when the run never evaluated."""
+    import json
+    if "val_acc" not in record:
+        return ""
+    with open(metrics_path) as f:
+        start = json.loads(f.readline())
+    rows = [("format-valid rate", "val_format"), ("answer accuracy (greedy pass@1)", "val_acc"),
+            ("answer accuracy (mean of k samples, T=1)", "val_acc_k")]
+    lines = [f"\n| held-out ({where}) | start | {label} |", "|---|---|---|"]
+    lines += [f"| {name} | {start.get(k, float('nan')):.3f} | {record[k]:.3f} |" for name, k in rows if k in record]
+    return "\n".join(lines)
 
 
 def concat(parts):

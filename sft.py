@@ -29,7 +29,6 @@ Run it:
 The result is out_dir/final (a Hugging Face folder) for align.py / rlvr.py --model.
 """
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -150,17 +149,11 @@ def evaluate(model, processor, val_rows, val_items, cfg, rank, world, device):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     cfg = common.parse_config(Config, argv)
-    # ---- distributed init
-    rank, local_rank, world, device = common.init_distributed()
+    # ---- distributed init (torchrun sets RANK / WORLD_SIZE; without them: one process)
+    rank, world, device, log = common.start(cfg)
     master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    common.seed_everything(cfg.seed + rank)
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch_size {cfg.batch_size} must be divisible by the {world} ranks")
-    log(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
 
     # ---- data (files only; the embedded task is written by task.py when its folder is missing)
     try:
@@ -174,10 +167,7 @@ def main(argv=None):
 
     # ---- model
     resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    model, processor, _ = models.load_model(
-        resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora, qlora=cfg.qlora,
-        lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
-        train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and models.is_embedded(cfg.model)))
+    model, processor, _ = models.load_policy(cfg, device, resume_from)
     total, trainable = models.count_params(model)
     log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
         + (f", resuming from {resume_from}" if resume_from else ""))
@@ -202,10 +192,7 @@ def main(argv=None):
     per_rank = cfg.batch_size // world
     micro = min(cfg.micro_batch_size, per_rank)
     pad_id = processor.tokenizer.pad_token_id
-    metrics_path, samples_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "samples.jsonl")
-    if master:
-        for path in (metrics_path, samples_path):
-            common.trim_jsonl(path, start_step)
+    metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
     info = common.run_info(cfg)
     from tqdm import tqdm
     # Rows are tokenised when first used (the image processor is the slow part: ~2 ms a row for the
@@ -284,13 +271,7 @@ def main(argv=None):
 
     # ---- save
     if master:
-        final = os.path.join(cfg.out_dir, "final")
-        def write(tmp):
-            models.save_pretrained(model, processor, tmp)
-            with open(os.path.join(tmp, "run.json"), "w") as f:
-                json.dump(info, f, indent=2)
-        common.write_dir_atomic(final, write)
-        log(f"saved {final}")
+        log(f"saved {common.save_final(cfg.out_dir, lambda path: models.save_pretrained(model, processor, path), info)}")
         # The held-out summary; the synthetic task's meta.json knows the text-only chance rate
         meta = os.path.join(os.path.dirname(cfg.val_data), "meta.json")
         chance = json.load(open(meta))["chance"]["overall"] if os.path.exists(meta) else None
@@ -298,9 +279,7 @@ def main(argv=None):
             log(f"\n| held-out ({cfg.val_data}, {len(val_rows)} prompts) | after SFT |\n|---|---|\n"
                 f"| format-valid rate | {record['val_format']:.3f} |\n| answer accuracy (greedy pass@1) | {record['val_acc']:.3f} |"
                 + (f"\n| text-only chance rate | {chance:.3f} |" if chance is not None else ""))
-    common.barrier()  # no rank tears down the process group while rank 0 is still writing
-    if common.is_dist():
-        torch.distributed.destroy_process_group()
+    common.finish()
 
 
 if __name__ == "__main__":
