@@ -99,3 +99,15 @@ def test_shared_prefix_gives_the_plain_forwards_gradient(setup):
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
     m.zero_grad()
+
+
+def test_sampler_draws_from_the_tempered_distribution_and_never_a_masked_token():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.0, -1.0]]).repeat(40000, 1)  # (b, V)
+    token, lp = rollout._sample_token(logits, temperature=0.5, top_p=1.0)
+    expected = torch.softmax(logits[0] / 0.5, -1)  # token 2 has probability 0
+    freq = torch.bincount(token[:, 0], minlength=5).float() / len(token)
+    assert freq[2] == 0 and (freq - expected).abs().max() < 0.01
+    assert torch.allclose(lp, expected.log()[token[:, 0]])  # the full tempered log-prob is recorded
+    token, _ = rollout._sample_token(logits, temperature=1.0, top_p=0.5)  # nucleus: only the top token
+    assert (token == 0).all()
