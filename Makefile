@@ -22,7 +22,7 @@ data: setup
 # stage on the held-out test split (table in runs/eval/results.md, plots next to it).
 demo: setup
 	$(PY) task.py --out data/tiny --seed 0
-	$(PY) sft.py --out_dir runs/sft
+	$(PY) sft.py --out_dir runs/sft --eval_every 0
 	$(PY) rlvr.py --model runs/sft/final --algo grpo --out_dir runs/rl_sft $(RL_FLAGS)
 	$(PY) discriminator.py warmup --policy runs/sft/final --out_dir runs/disc_warmup --epochs 3
 	$(PY) align.py --model runs/sft/final --disc runs/disc_warmup/final --out_dir runs/align $(ALIGN_FLAGS)
@@ -31,9 +31,10 @@ demo: setup
 	    --models base=tiny,sft=runs/sft/final,aligned=runs/align/final,sft-grpo=runs/rl_sft/final,align-grpo=runs/rl_align/final \
 	    --align_log runs/align/metrics.jsonl --rl_logs sft-grpo=runs/rl_sft/metrics.jsonl,align-grpo=runs/rl_align/metrics.jsonl
 
-# Settings of the demo's RL and alignment stages (fixed before looking at the test split).
-RL_FLAGS := --steps 300 --eval_every 0
-ALIGN_FLAGS := --steps 150 --eval_every 0
+# Settings of the demo's RL and alignment stages (fixed before looking at the test split); the
+# stages skip their own held-out evaluation (--eval_rows 0): evaluate.py measures every model at the end.
+RL_FLAGS := --steps 300 --eval_rows 0
+ALIGN_FLAGS := --steps 150 --eval_rows 0
 EVAL_FLAGS := --k 4
 
 test: setup

@@ -40,6 +40,7 @@ Run it (after sft.py and `python discriminator.py warmup`):
       torchrun --nproc_per_node=8 align.py --model Qwen3-VL-4B --disc runs/disc_warmup/final --data align.parquet ...
 The result is out_dir/final (the policy, for rlvr.py --model) and out_dir/final/discriminator.
 """
+import math
 import os
 import sys
 import time
@@ -88,7 +89,7 @@ class Config:
     token_budget: int = 32768  # padded tokens per forward (micro-batch size), also caps rollout chunks
     disc_micro_batch: int = 64  # sequences per discriminator forward
     eval_every: int = 50  # held-out evaluation every this many steps (and at the end; 0 = end only)
-    eval_rows: int = 200  # held-out prompts per evaluation
+    eval_rows: int = 200  # held-out prompts per evaluation (0 = no held-out evaluation at all)
     eval_batch_size: int = 64  # prompts per generate call in evaluation
     eval_k: int = 4  # also sample this many answers per held-out prompt at temperature 1 (val_acc_k; 0 = off)
     samples_every: int = 10  # write a few rollouts with their scores to samples.jsonl every this many steps
@@ -105,6 +106,7 @@ class Config:
     grad_ckpt: bool = False  # policy gradient checkpointing
     dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy for the policy under torchrun
     threads: int = 0  # CPU threads for torch (0 = torch's default)
+    max_bad_steps: int = 5  # stop after this many steps in a row with NaN/Inf scores, advantages, losses or gradients (each is skipped; 0 = never)
 
 
 # ----------------------------------------------------------------------------- main
@@ -154,12 +156,12 @@ def main(argv=None):
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
     disc_params = [p for p in disc.parameters() if p.requires_grad]
     disc_optimizer = torch.optim.AdamW(discriminator.param_groups(disc, cfg.weight_decay), lr=cfg.disc_lr)
-    start_step, cursor = 0, 0
+    start_step, cursor, bad = 0, 0, {"bad_steps": 0, "bad_streak": 0}  # bad: steps skipped for NaN/Inf
     if resume_from:
         state = common.load_trainer_state(resume_from, rank)
         optimizer.load_state_dict(state["optimizer"])
         disc_optimizer.load_state_dict(state["disc_optimizer"])
-        start_step, cursor = state["step"], state["cursor"]
+        start_step, cursor, bad["bad_steps"] = state["step"], state["cursor"], state.get("bad_steps", 0)
 
     # ----------------------------------------------------------------------------- helpers
     per_rank = cfg.prompts_per_step // world
@@ -183,6 +185,7 @@ def main(argv=None):
             s = torch.zeros(len(r), device=scores.device).index_put((torch.tensor(v, dtype=torch.long),),
                                                                     scores[len(r.rows):]) if v else scores.new_zeros(len(r))
             out[which] = (scores[:len(r.rows)], s, aux, disc.stats["load"])
+            out["nonfinite"] = out.get("nonfinite", 0) + disc.stats["nonfinite"]  # raw NaN/Inf scores
         return out
 
     def disc_update(r, valid, caps, cots, any_valid, sc=None):
@@ -197,15 +200,18 @@ def main(argv=None):
         # D is not DDP-wrapped either; average its gradients over ranks (each scored different rollouts)
         common.all_reduce_grads(disc_params, average=True)
         grad_norm = torch.nn.utils.clip_grad_norm_(disc_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        disc_optimizer.step()
+        # a NaN/Inf loss (per rank: any_rank) or gradient norm (global) skips the step on every rank
+        skipped = common.any_rank(not math.isfinite(loss.item())) or not torch.isfinite(grad_norm)
+        if not skipped:
+            disc_optimizer.step()
         disc_optimizer.zero_grad(set_to_none=True)
-        return {"disc_loss": loss.item(), "disc_grad_norm": grad_norm.item(), **m}
+        return {"disc_loss": loss.item(), "disc_grad_norm": grad_norm.item(), "skipped": skipped, **m}
 
     # ----------------------------------------------------------------------------- loop
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
     info = common.run_info(cfg)
     from tqdm import tqdm
-    if start_step == 0:  # the starting point of the held-out curve (every rank evaluates its share)
+    if start_step == 0 and val_rows:  # the starting point of the held-out curve (each rank: its share)
         scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size,
                                      cfg.eval_k)
         if master:
@@ -236,15 +242,29 @@ def main(argv=None):
         # ---- 3. advantage
         advantages = rl_losses.prism_advantages(s_cap.cpu(), s_cot.cpu(), valid, r.group, cfg.alpha, cfg.format_penalty)
 
-        # ---- 4. discriminator update(s) on the same batch
-        for k in range(cfg.disc_steps):
+        # NaN/Inf raw scores (guard() set them to 0, so the advantages look fine) or advantages on any
+        # rank: neither model is updated this step. any_rank: every rank skips the same collectives.
+        why = ", ".join(w for w in ("discriminator scores" if sc["nonfinite"] else "",
+                                    common.nonfinite(advantages=advantages)) if w)
+        skip = common.any_rank(why)
+        d_stats, stats = {}, {}
+
+        # ---- 4. discriminator update(s) on the same batch; a NaN/Inf D step also skips the policy's
+        for k in range(0 if skip else cfg.disc_steps):
             d_stats = disc_update(r, valid, caps, cots, any_valid, sc if k == 0 else None)
+            if d_stats["skipped"]:
+                skip, why = True, "discriminator loss or gradients"
+                break
 
         # ---- 5. policy update
-        stats = rollout.policy_update(model, optimizer, params, r, advantages, torch.arange(len(r)), algo=cfg.algo,
-                                      loss_kwargs={}, ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
-                                      temperature=cfg.temperature, token_budget=cfg.token_budget,
-                                      grad_clip=cfg.grad_clip)
+        if not skip:
+            stats = rollout.policy_update(model, optimizer, params, r, advantages, torch.arange(len(r)), algo=cfg.algo,
+                                          loss_kwargs={}, ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
+                                          temperature=cfg.temperature, token_budget=cfg.token_budget,
+                                          grad_clip=cfg.grad_clip)
+            skip, why = stats["skipped_updates"] > 0, "policy loss or gradients"
+        why = (why or "scores or advantages on another rank") if skip else ""
+        common.count_bad_step(bad, why, step + 1, log)
 
         # ---- 6. log. Gaps and accuracies are from the pre-update scores (what the advantage used).
         g = r.group.to(t_cap.device)
@@ -257,20 +277,22 @@ def main(argv=None):
             (s_cap * v).sum(), (s_cot * v).sum()], dtype=torch.float).cpu())
         nv = max(sums[4].item(), 1.0)
         dt = time.time() - t0
-        record = {"step": step + 1, "loss": round(stats["loss"], 5), "gap_cap": round(sums[0].item() / nv, 4),
+        record = {"step": step + 1, "loss": round(stats.get("loss", math.nan), 5), "gap_cap": round(sums[0].item() / nv, 4),
                   "gap_cot": round(sums[1].item() / nv, 4), "disc_acc_cap": round(sums[2].item() / nv, 4),
                   "disc_acc_cot": round(sums[3].item() / nv, 4), "format_rate": round((sums[4] / sums[5]).item(), 4),
                   "response_len": round((sums[6] / sums[5]).item(), 1), "acc_mean": round((sums[7] / sums[5]).item(), 4),
                   "t_cap": round(sums[8].item() / world, 3), "t_cot": round(sums[9].item() / world, 3),
                   "s_cap": round(sums[10].item() / nv, 3), "s_cot": round(sums[11].item() / nv, 3),
-                  "adv_std": round(advantages.std().item(), 4), "disc_loss": round(d_stats["disc_loss"], 5),
-                  "disc_grad_norm": round(d_stats["disc_grad_norm"], 4), "clip_frac": round(stats.get("clip_frac", 0.0), 4),
-                  "grad_norm": round(stats["grad_norm"], 4), "router_load_cap": [round(x, 3) for x in load_cap],
+                  "adv_std": round(advantages.std().item(), 4), "disc_loss": round(d_stats.get("disc_loss", math.nan), 5),
+                  "disc_grad_norm": round(d_stats.get("disc_grad_norm", math.nan), 4),
+                  "disc_fallback": int(not any_valid),  # no valid rollout on any rank: D got the fallback loss
+                  "bad_steps": bad["bad_steps"], "clip_frac": round(stats.get("clip_frac", 0.0), 4),
+                  "grad_norm": round(stats.get("grad_norm", math.nan), 4), "router_load_cap": [round(x, 3) for x in load_cap],
                   "router_load_cot": [round(x, 3) for x in load_cot], "tokens_per_s": round((sums[6] / dt).item(), 1),
                   "rollout_s": round(t_rollout, 3), "step_s": round(dt, 3),
                   "peak_mem_mb": round(common.peak_memory_mb(device), 1)}
         last_step = step + 1 == cfg.steps
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
+        if val_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step):
             scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size,
                                      cfg.eval_k)
             record.update({k: round(v, 4) for k, v in scores.items()})
@@ -293,10 +315,11 @@ def main(argv=None):
         def save_models(path):
             models.save_pretrained(model, processor, path)
             discriminator.save(disc, disc_processor, os.path.join(path, "discriminator"))
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step:
+        common.stop_if_diverged(bad, cfg.max_bad_steps, step + 1, cfg.out_dir)  # never after too many skipped steps
+        if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step) and not why:  # nor on one
             common.save_checkpoint(cfg.out_dir, step + 1, save_models,
                                    {"optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
-                                    "step": step + 1, "cursor": cursor}, info, rank)
+                                    "step": step + 1, "cursor": cursor, "bad_steps": bad["bad_steps"]}, info, rank)
         if cfg.stop_after and step + 1 >= cfg.stop_after:
             log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
             return

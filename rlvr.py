@@ -85,7 +85,7 @@ class Config:
     difficulty_filter: bool = False  # keep prompts whose pass rate under the start policy is in (0, 1)
     filter_samples: int = 8  # samples per prompt when estimating pass rates
     eval_every: int = 100  # held-out evaluation every this many steps (and at the end; 0 = end only)
-    eval_rows: int = 200  # held-out prompts per evaluation
+    eval_rows: int = 200  # held-out prompts per evaluation (0 = no held-out evaluation at all)
     eval_batch_size: int = 64  # prompts per generate call in evaluation
     eval_k: int = 4  # also sample this many answers per held-out prompt at temperature 1 (val_acc_k; 0 = off)
     samples_every: int = 10  # write a few rollouts to samples.jsonl every this many steps
@@ -102,6 +102,7 @@ class Config:
     grad_ckpt: bool = False  # gradient checkpointing
     dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy under torchrun
     threads: int = 0  # CPU threads for torch (0 = torch's default)
+    max_bad_steps: int = 5  # stop after this many steps in a row with NaN/Inf rewards, advantages, loss or gradients (each is skipped; 0 = never)
 
 
 def loss_overrides(cfg):
@@ -179,11 +180,11 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
-    start_step, cursor = 0, 0
+    start_step, cursor, bad = 0, 0, {"bad_steps": 0, "bad_streak": 0}  # bad: steps skipped for NaN/Inf
     if resume_from:
         state = common.load_trainer_state(resume_from, rank)
         optimizer.load_state_dict(state["optimizer"])
-        start_step, cursor = state["step"], state["cursor"]
+        start_step, cursor, bad["bad_steps"] = state["step"], state["cursor"], state.get("bad_steps", 0)
 
     # ----------------------------------------------------------------------------- helpers
     per_rank = cfg.prompts_per_step // world
@@ -229,7 +230,7 @@ def main(argv=None):
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
     info = common.run_info(cfg)
     from tqdm import tqdm
-    if start_step == 0:  # the starting point of the held-out curve (every rank evaluates its share)
+    if start_step == 0 and val_rows:  # the starting point of the held-out curve (each rank: its share)
         scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size,
                                      cfg.eval_k)
         if master:
@@ -263,23 +264,30 @@ def main(argv=None):
                                       mini_batches=cfg.mini_batches, temperature=cfg.temperature,
                                       token_budget=cfg.token_budget, grad_clip=cfg.grad_clip, kl_coef=cfg.kl_coef,
                                       ref_logprobs=ref_logprobs)
-        # ---- 6. log: rollout statistics summed over ranks (all_reduce: each rank sampled its own)
+        # NaN/Inf rewards or advantages (a broken reward function), or a NaN/Inf loss or gradient (a
+        # diverging model): policy_update skipped those updates on every rank; count and warn
+        why = (common.nonfinite(rewards=reward[idx], advantages=advantages[idx]) or "loss or gradients"
+               if stats["skipped_updates"] else "")
+        common.count_bad_step(bad, why, step + 1, log)
+        # ---- 6. log: rollout statistics summed over ranks (all_reduce: each rank sampled its own).
+        # zero_adv: trained rollouts of all-equal groups (advantage 0: no signal; kept_frac 0 = none left)
         sums = common.all_reduce_sum(torch.tensor([
             reward.sum(), acc.sum(), fmt.sum(), r.lengths.sum(), r.truncated.sum(), len(r),
-            0.0 if empty else len(idx)], dtype=torch.float))
+            0.0 if empty else len(idx), 0.0 if empty else (advantages[idx] == 0).sum()], dtype=torch.float))
         dt = time.time() - t0
         record = {"step": step + 1, "loss": round(stats["loss"], 5), "reward_mean": round((sums[0] / sums[5]).item(), 4),
                   "acc_mean": round((sums[1] / sums[5]).item(), 4), "format_rate": round((sums[2] / sums[5]).item(), 4),
                   "clip_frac": round(stats.get("clip_frac", 0.0), 4), "ratio_mean": round(stats.get("ratio_mean", 1.0), 4),
                   "grad_norm": round(stats["grad_norm"], 4), "response_len": round((sums[3] / sums[5]).item(), 1),
                   "truncated_frac": round((sums[4] / sums[5]).item(), 3), "kept_frac": round((sums[6] / sums[5]).item(), 3),
+                  "zero_adv_frac": round((sums[7] / sums[6].clamp_min(1)).item(), 3), "bad_steps": bad["bad_steps"],
                   "gen_rounds": rounds, "tokens_per_s": round((sums[3] / dt).item(), 1),
                   "rollout_s": round(t_rollout, 3), "step_s": round(dt, 3),
                   "peak_mem_mb": round(common.peak_memory_mb(device), 1), "lr": cfg.lr}
         if cfg.kl_coef:
             record["kl"] = round(stats.get("kl", 0.0), 5)
         last_step = step + 1 == cfg.steps
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
+        if val_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step):
             scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens,
                                          cfg.eval_batch_size, cfg.eval_k)
             record.update({k: round(v, 4) for k, v in scores.items()})
@@ -296,10 +304,12 @@ def main(argv=None):
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['acc_mean']:.3f}",
                             len=f"{record['response_len']:.0f}", refresh=False)
 
-        # ---- checkpoint
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step:
+        # ---- checkpoint (never on a skipped step, nor after too many of them in a row)
+        common.stop_if_diverged(bad, cfg.max_bad_steps, step + 1, cfg.out_dir)
+        if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step) and not why:
             common.save_checkpoint(cfg.out_dir, step + 1, lambda path: models.save_pretrained(model, processor, path),
-                                   {"optimizer": optimizer.state_dict(), "step": step + 1, "cursor": cursor}, info, rank)
+                                   {"optimizer": optimizer.state_dict(), "step": step + 1, "cursor": cursor,
+                                    "bad_steps": bad["bad_steps"]}, info, rank)
         if cfg.stop_after and step + 1 >= cfg.stop_after:
             log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
             return
