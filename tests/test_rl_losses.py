@@ -315,3 +315,19 @@ def test_disc_loss_all_invalid_fallback():
     assert m == {"acc_cap": 0.0, "acc_cot": 0.0, "gap_cap": 0.0, "gap_cot": 0.0}
     loss.backward()
     assert (t_cap.grad < 0).all() and (t_cot.grad < 0).all()  # descent raises the teacher scores
+
+
+def test_on_policy_gspo_gradient_equals_grpo_gradient():
+    # ratio 1 everywhere: GSPO's token ratio exp(sg[log s] + logp - sg[logp]) has gradient s_i = 1 per
+    # token, GRPO's has 1 too, both aggregate seq-mean-token-mean: identical updates (README)
+    torch.manual_seed(0)
+    logp = torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
+    adv = torch.tensor([0.7, -1.2, 0.5])
+    grads = []
+    for algo in ("grpo", "gspo"):
+        x = logp.clone().requires_grad_(True)
+        loss, _ = rl.policy_loss(x, logp, adv, mask, algo)
+        loss.backward()
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
