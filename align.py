@@ -106,7 +106,7 @@ class Config:
     grad_ckpt: bool = False  # policy gradient checkpointing
     dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy for the policy under torchrun
     threads: int = 0  # CPU threads for torch (0 = torch's default)
-    max_bad_steps: int = 5  # stop after this many steps in a row with NaN/Inf scores, advantages, losses or gradients (each is skipped; 0 = never)
+    max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row (each one is skipped; 0 = never)
 
 
 # ----------------------------------------------------------------------------- main

@@ -137,6 +137,11 @@ def all_reduce_sum(t):
     return t
 
 
+def any_rank(flag):
+    """True on every rank if flag is true on any rank: for a branch all ranks must take together."""
+    return all_reduce_sum(torch.tensor(float(bool(flag)))).item() > 0
+
+
 def all_reduce_grads(params, average=False):
     """Sum (or average) the gradients of params over ranks: what DDP does in its backward hooks,
     done by hand for models that are called in pieces (the RL stages' shared-prompt forward), where
@@ -197,9 +202,47 @@ def trim_jsonl(path, last_step):
     and a resumed run drops what was logged after its checkpoint, so no step appears twice."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    keep.append(line.rstrip("\n") + "\n")
+            except ValueError:  # blank, or the half line of a run killed while appending it
+                pass
     _write_atomic(path, "".join(keep))
+
+
+# -----------------------------------------------------------------------------------------------
+# Bad numbers. A NaN or Inf anywhere in a step (logits, loss, gradients, rewards, scores,
+# advantages) skips that step's optimizer updates and is counted; max_bad_steps such steps in a row
+# stop the run before it writes another checkpoint. One bad batch is survivable, a diverged model is not.
+
+
+def nonfinite(**values):
+    """Comma-separated names of the given tensors / numbers holding a NaN or Inf ("" when none do)."""
+    return ", ".join(k for k, v in values.items() if not torch.isfinite(torch.as_tensor(v, dtype=torch.float)).all())
+
+
+def count_bad_step(bad, why, step, log):
+    """Book step `step`: bad = {"bad_steps": total (saved in checkpoints), "bad_streak": in a row};
+    why = what was non-finite, "" for a good step (which ends the streak). One warning line."""
+    if not why:
+        bad["bad_streak"] = 0
+        return
+    bad["bad_steps"] += 1
+    bad["bad_streak"] += 1
+    log(f"warning: step {step}: non-finite {why}; update skipped ({bad['bad_streak']} in a row, "
+        f"{bad['bad_steps']} in all)")
+
+
+def stop_if_diverged(bad, max_bad_steps, step, out_dir):
+    """One-line SystemExit after max_bad_steps bad steps in a row (0 = never). Stages call it before
+    the step's checkpoint, and bad steps write none, so the newest checkpoint predates the streak."""
+    if max_bad_steps and bad["bad_streak"] >= max_bad_steps:
+        raise SystemExit(f"error: {bad['bad_streak']} steps in a row with NaN/Inf (the last: step {step}), "
+                         f"stopped without saving; the newest checkpoint is {latest_checkpoint(out_dir)}. "
+                         "Lower --lr or check the data, then --resume")
 
 
 def run_info(cfg):
@@ -254,6 +297,7 @@ def save_checkpoint(out_dir, step, save_model, trainer_state, info, rank=0, keep
         os.replace(tmp, final)
         _write_atomic(os.path.join(ckpt_root, "latest"), os.path.basename(final))
         old = sorted(d for d in os.listdir(ckpt_root) if re.fullmatch(r"step_\d+", d))[:-keep]
+        old += [d for d in os.listdir(ckpt_root) if d.endswith(".tmp")]  # left by a save that was killed
         for d in old:
             shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
     barrier()  # nobody races ahead and reads `latest` before it moved
@@ -290,13 +334,26 @@ def _write_atomic(path, text):
 
 
 def latest_checkpoint(out_dir):
-    """Path of the newest complete checkpoint under out_dir, or None."""
-    pointer = os.path.join(out_dir, "ckpt", "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(out_dir, "ckpt", f.read().strip())
-    return path if os.path.isdir(path) else None
+    """Path of the newest complete checkpoint under out_dir, or None.
+
+    `latest` decides. Only if it is missing or names a folder that is gone (deleted by hand, a copy
+    of out_dir without it) do we fall back to the newest step_N folder holding the files a finished
+    save leaves: step_N.tmp folders are half-written by definition and never chosen."""
+    root = os.path.join(out_dir, "ckpt")
+    pointer = os.path.join(root, "latest")
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            path = os.path.join(root, f.read().strip())
+        if _complete(path):
+            return path
+    steps = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d+", d)) if os.path.isdir(root) else []
+    done = [d for d in steps if _complete(os.path.join(root, d))]
+    return os.path.join(root, done[-1]) if done else None
+
+
+def _complete(path):
+    """A checkpoint folder with what save_checkpoint writes last on rank 0 (a half-deleted one fails)."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("trainer_state.pt", "run.json", "rng_rank0.pt"))
 
 
 def load_trainer_state(ckpt, rank=0):

@@ -187,6 +187,7 @@ class Discriminator(nn.Module):
         raw = self.value_head(hidden[torch.arange(len(last)), last].float()).squeeze(-1)  # (B,)
         moes = self.moe_layers()
         aux = torch.stack([m.aux for m in moes]).mean() if moes else raw.new_zeros(())
+        self.nonfinite = (~torch.isfinite(raw.detach())).sum()  # guard() hides them; score() counts them
         return guard(raw), aux
 
 
@@ -309,14 +310,14 @@ def score(disc, processor, prompts, segments, which, micro_batch=16):
     prompts: rows with "messages" and "images" (data.load_prompts, or pair_prompt(pair)); segments:
     the matching strings; which: "cap" or "cot" (used by segment routing). aux is the mean MoE load-
     balancing loss over the micro-batches (0 for dense). disc.stats afterwards holds the router load
-    per expert (E,) and the number of segments cut at max_segment_tokens."""
+    per expert (E,), the number of segments cut at max_segment_tokens and of NaN/Inf raw scores."""
     if which not in ("cap", "cot"):
         raise ValueError(f"which must be 'cap' or 'cot', got {which!r}")
     if len(prompts) != len(segments) or not prompts:
         raise ValueError(f"need as many segments as prompts, at least one: got {len(prompts)} and {len(segments)}")
     inner = models.unwrap(disc)  # under DDP the forward goes through the wrapper (gradient sync), the rest not
     device = inner.value_head.weight.device
-    scores, auxes, loads, truncated = [], [], [], 0
+    scores, auxes, loads, truncated, nonfinite = [], [], [], 0, 0
     for i in range(0, len(prompts), micro_batch):
         batch, cut = encode(processor, prompts[i:i + micro_batch], segments[i:i + micro_batch],
                             inner.cfg["kind"] == "text-only", inner.cfg["max_segment_tokens"])
@@ -325,7 +326,9 @@ def score(disc, processor, prompts, segments, which, micro_batch=16):
         auxes.append(aux)
         loads += [m.load for m in inner.moe_layers()]
         truncated += cut
-    inner.stats = {"load": torch.stack(loads).mean(0).tolist() if loads else [1.0], "truncated": truncated}
+        nonfinite += inner.nonfinite
+    inner.stats = {"load": torch.stack(loads).mean(0).tolist() if loads else [1.0], "truncated": truncated,
+                   "nonfinite": int(nonfinite)}  # raw scores that were NaN/Inf (guard() set them to 0)
     return torch.cat(scores), torch.stack(auxes).mean()
 
 

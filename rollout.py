@@ -35,6 +35,7 @@ prompt's positions, and the re-scoring forward lets the model compute them for p
 Micro-batches are sized by a token budget (rows x padded length), so the same settings work for
 a 100-token toy prompt and a 2,000-token real one. Importing this module does no work.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -312,16 +313,25 @@ def policy_update(model, optimizer, params, r, advantages, idx, *, algo, loss_kw
     gives exactly the gradient of one big batch. Every rank must run the same number of mini-batches
     (one gradient all_reduce each), so callers give every rank at least `mini_batches` rollouts.
 
+    NaN/Inf in a mini-batch's advantages or sampling log-probs (on any rank) skips it before the
+    forward; a NaN/Inf loss or gradient norm skips its optimizer step. Both are counted in the
+    returned "skipped_updates"; the other metrics average the optimizer steps taken (NaN if none).
+
     ref_logprobs(idx) -> (b, T) gives the reference policy's log-probs when kl_coef > 0."""
     import rl_losses
-    from common import all_reduce_grads, all_reduce_sum
-    logs = []
+    from common import all_reduce_grads, all_reduce_sum, any_rank
+    logs, skipped = [], 0
     for _ in range(ppo_epochs):
         order = idx[torch.randperm(len(idx))]
         for mb in order.chunk(mini_batches):
             mask = r.mask[mb]  # (b, T)
-            # global counts of this optimizer step: all_reduce, every rank holds different rollouts
-            counts = all_reduce_sum(torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum()], dtype=torch.float))
+            bad_inputs = (~torch.isfinite(advantages[mb])).sum() + (~torch.isfinite(r.logp[mb][mask > 0])).sum()
+            # global counts of this optimizer step (all_reduce: every rank holds different rollouts),
+            # and the global number of NaN/Inf inputs, so that every rank skips a bad mini-batch together
+            counts = all_reduce_sum(torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum(), bad_inputs], dtype=torch.float))
+            if counts[2] > 0:
+                skipped += 1
+                continue
             step_log = {}
             for micro in micro_batches(mb, r, token_budget):
                 logp = completion_logprobs(model, r, micro, temperature)  # (b, T) with gradients
@@ -337,11 +347,16 @@ def policy_update(model, optimizer, params, r, advantages, idx, *, algo, loss_kw
                     step_log[k] = step_log.get(k, 0.0) + (v if k == "loss" else v * w)
             all_reduce_grads(params)  # sum over ranks (the losses were divided by global counts)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-            if torch.isfinite(grad_norm):
+            # the gradient norm is global, the loss per rank: any_rank so that all ranks skip together
+            if any_rank(not math.isfinite(step_log["loss"])) or not torch.isfinite(grad_norm):
+                skipped += 1
+            else:
                 optimizer.step()
+                logs.append({**step_log, "grad_norm": grad_norm.item()})
             optimizer.zero_grad(set_to_none=True)
-            logs.append({**step_log, "grad_norm": grad_norm.item()})
-    return {k: sum(x[k] for x in logs) / len(logs) for k in logs[0]}
+    if not logs:  # every optimizer step was skipped
+        return {"loss": math.nan, "grad_norm": math.nan, "skipped_updates": skipped}
+    return {**{k: sum(x[k] for x in logs) / len(logs) for k in logs[0]}, "skipped_updates": skipped}
 
 
 @torch.no_grad()

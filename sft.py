@@ -83,6 +83,7 @@ class Config:
     dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy under torchrun (fsdp is not implemented yet)
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     cache_encoded: bool = True  # keep tokenised rows in memory after first use (off for mixtures larger than RAM)
+    max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row (each one is skipped; 0 = never)
 
 
 def lr_at(step, cfg):
@@ -182,11 +183,11 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, cfg.beta2))
-    start_step = 0
+    start_step, bad = 0, {"bad_steps": 0, "bad_streak": 0}  # steps skipped for NaN/Inf: in all, in a row
     if resume_from:
         state = common.load_trainer_state(resume_from, rank)
         optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
+        start_step, bad["bad_steps"] = state["step"], state.get("bad_steps", 0)
 
     # ---- loop
     per_rank = cfg.batch_size // world
@@ -240,15 +241,21 @@ def main(argv=None):
                 (loss_sum * world / n_tokens).backward()
             loss_total += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
+        # the loss is the global token mean (all_reduce: each rank summed only its rows). It and the
+        # (DDP-averaged) gradient norm are the same on every rank, so all ranks skip a NaN/Inf step together.
+        loss = common.all_reduce_sum(torch.tensor(loss_total)) / n_tokens.clamp_min(1)
+        why = common.nonfinite(loss=loss, grad_norm=grad_norm)
+        if not why:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        common.count_bad_step(bad, why, step + 1, log)
 
-        # ---- log: the loss is the global token mean (all_reduce: each rank summed only its rows)
-        loss = common.all_reduce_sum(torch.tensor(loss_total)) / n_tokens
+        # ---- log
         dt = time.time() - t0
         record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
                   "tokens_per_s": round(n_tokens.item() / dt, 1), "step_s": round(dt, 3),
-                  "peak_mem_mb": round(common.peak_memory_mb(device), 1), "skipped_long_rows": len(too_long)}
+                  "peak_mem_mb": round(common.peak_memory_mb(device), 1), "skipped_long_rows": len(too_long),
+                  "bad_steps": bad["bad_steps"]}
         last_step = step + 1 == cfg.steps
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
             scores, samples = evaluate(model, processor, val_rows, val_items, cfg, rank, world, device)
@@ -261,10 +268,12 @@ def main(argv=None):
             common.append_jsonl(metrics_path, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", refresh=False)
 
-        # ---- checkpoint
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step:
+        # ---- checkpoint (never on a skipped step, nor after too many of them in a row)
+        common.stop_if_diverged(bad, cfg.max_bad_steps, step + 1, cfg.out_dir)
+        if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step) and not why:
             common.save_checkpoint(cfg.out_dir, step + 1, lambda path: models.save_pretrained(model, processor, path),
-                                   {"optimizer": optimizer.state_dict(), "step": step + 1}, info, rank)
+                                   {"optimizer": optimizer.state_dict(), "step": step + 1,
+                                    "bad_steps": bad["bad_steps"]}, info, rank)
         if cfg.stop_after and step + 1 >= cfg.stop_after:
             log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
             return

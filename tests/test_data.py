@@ -10,7 +10,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -479,3 +479,111 @@ def test_data_error_pickles():
     import pickle
     err = pickle.loads(pickle.dumps(DataError("a.jsonl", 3, "bad\nthing")))
     assert str(err) == "a.jsonl row 3: bad thing" and err.row == 3
+
+
+# ---- fuzzing: arbitrary responses and arbitrary rows never crash, never hang ----
+
+# What model output looks like when it goes wrong: every tag (also half-written and misspelt),
+# LaTeX, unicode (wide, combining, surrogate, control), and long runs of any of them.
+GARBAGE = FRAGMENTS + MATHY_TOKENS + [
+    "<caption", "</think", "<answer >", "</ answer>", "<ANSWER>", "\\boxed{", "\\frac{1}{2}", "\\sqrt{-1}",
+    "1e999999", "漢字", "\U0001f600", "e\u0301", "\ud800", "\x00", "\r\n", "\u202e"]
+
+
+def huge(unit, n):
+    return unit * n
+
+
+@st.composite
+def responses(draw):
+    """Tag soup, or the three blocks around random content (so the answer matcher runs too)."""
+    piece = st.one_of(st.sampled_from(GARBAGE), st.text(max_size=5),
+                      st.builds(huge, st.sampled_from(["9", "{", "(", "a ", "\\frac{", "</caption>"]),
+                                st.integers(0, 3000)))
+    soup = "".join(draw(st.lists(piece, max_size=16)))
+    if draw(st.booleans()):
+        return soup
+    caption, think = draw(st.text(max_size=20)), draw(st.text(max_size=20))
+    return f"<caption>{caption}</caption><think>{think}</think><answer>{soup}</answer>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(responses(), st.one_of(st.text(max_size=20), st.lists(st.sampled_from(MATHY_TOKENS), min_size=1,
+                                                             max_size=8).map("".join)))
+def test_parse_and_reward_never_raise_and_are_bounded_on_arbitrary_text(text, truth):
+    answers_match("\\sqrt{4}", "2")  # the one-time sympy import is not the call's time
+    start = time.perf_counter()
+    parsed = parse_response(text)
+    assert time.perf_counter() - start < 0.5
+    start = time.perf_counter()
+    out = reward(text, truth)
+    assert time.perf_counter() - start < 2.0
+    valid = re.match(REF, text, re.DOTALL) is not None
+    assert parsed["valid"] == valid and out["format"] == float(valid)
+    assert out["score"] == (0.8 * out["acc"] + 0.2 if valid else 0.0) and out["acc"] in (0.0, 1.0)
+    if len(parsed["answer"] or "") >= 1024:
+        assert out["acc"] == 0.0
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                       max_size=3), max_leaves=8)
+
+
+def mangled(good):
+    """A row of the right shape whose every field may be dropped, replaced by any JSON value, or kept."""
+    return st.fixed_dictionaries({}, optional={k: st.one_of(st.just(v), JSON_VALUES) for k, v in good.items()}) | \
+        st.dictionaries(st.sampled_from(list(good) + ["bytes", "path"]), JSON_VALUES, max_size=4)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([(load_sft, SFT_GOOD), (load_prompts, PROMPT_GOOD), (load_pairs, PAIR_GOOD)]), st.data())
+def test_schema_mismatches_are_one_line_errors_naming_the_row(folder, loader_and_good, draw):
+    """Any JSON value in any field (wrong types, nesting, missing keys) either loads or raises a
+    DataError of one line naming the row: never a traceback from deep inside the loader."""
+    loader, good = loader_and_good
+    if good is PROMPT_GOOD:
+        good = {**good, "images": ["images/red.png"]}  # JSON has no bytes
+    row = draw.draw(mangled(good))
+    path = write(folder / "fuzz.jsonl", [good, row])
+    try:
+        rows = loader(path)
+    except DataError as e:
+        msg = str(e)
+        assert len(msg.splitlines()) == 1 and msg.startswith(f"{path} row 2: "), msg
+    else:
+        assert len(rows) == 2 and rows[1]["source"] == f"{path} row 2"
+
+
+def test_truncated_jpeg_is_caught_at_load_time(folder):
+    """PIL's verify() passes a JPEG cut short; decoding it at step 4000 would crash the run."""
+    import io
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buf, format="JPEG")
+    (folder / "images" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "images" / "ok.jpg").write_bytes(buf.getvalue())
+    rows = [{**SFT_GOOD, "images": ["images/ok.jpg"]}, {**SFT_GOOD, "images": ["images/cut.jpg"]}]
+    with pytest.raises(DataError) as e:
+        load_sft(write(folder / "sft.jsonl", rows))
+    assert_one_line_error(e, folder / "sft.jsonl", 2, "image images/cut.jpg: unreadable (OSError)")
+
+
+@pytest.mark.parametrize("spec,problem", [({"bytes": 10**12}, "image bytes must be binary, got int"),
+                                          ({"bytes": "iVBORw0KGgo="}, "image bytes must be binary, got str")])
+def test_image_bytes_of_the_wrong_type(folder, spec, problem):
+    path = write(folder / "sft.jsonl", [SFT_GOOD, {**SFT_GOOD, "images": [spec]}])
+    with pytest.raises(DataError) as e:  # bytes(10**12) would have tried to allocate a terabyte
+        load_sft(path)
+    assert_one_line_error(e, path, 2, problem)
+
+
+def test_deeply_nested_json_is_one_line(folder):
+    path = folder / "deep.jsonl"
+    path.write_text(json.dumps(SFT_GOOD) + "\n" + "[" * 100_000 + "\n")
+    with pytest.raises(DataError) as e:
+        load_sft(str(path))
+    assert_one_line_error(e, path, 2, "invalid JSON line (RecursionError")
+    (folder / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(DataError) as e:
+        load_sft(str(folder / "deep.json"))
+    assert_one_line_error(e, folder / "deep.json", None, "invalid JSON (RecursionError")
