@@ -260,7 +260,8 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
     ids, mask = rollouts.ids[idx].to(device), rollouts.mask[idx].to(device)  # (b, T)
     T = ids.shape[1]
     attn = torch.cat([prompt["attention_mask"][local], mask.long()], dim=1)  # (b, P+T)
-    if not share_prefix or (getattr(hf_model(m), "is_gradient_checkpointing", False) and m.training):
+    checkpointing = any(getattr(x, "gradient_checkpointing", False) is True for x in hf_model(m).modules())
+    if not share_prefix or (checkpointing and m.training):
         full = dict(prompt, input_ids=torch.cat([prompt["input_ids"][local], ids], dim=1), attention_mask=attn,
                     image_grid_thw=prompt.get("image_grid_thw"))
         if "mm_token_type_ids" in prompt:  # completion tokens are text: type 0

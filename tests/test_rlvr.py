@@ -158,3 +158,13 @@ def test_a_new_loss_is_one_function_and_one_dict_entry(dataset, tmp_path, monkey
 def test_unknown_algo_is_one_line(dataset, tmp_path):
     with pytest.raises(SystemExit, match="not in rl_losses.LOSSES"):
         rlvr.main(args(dataset, tmp_path, "--algo", "ppo2"))
+
+
+def test_gradient_checkpointing_takes_the_plain_forward(dataset, tmp_path, monkeypatch):
+    # checkpointing cannot hand back the prompt's cache: completion_logprobs must notice and fall back
+    calls = []
+    real = rollout.completion_logprobs
+    monkeypatch.setattr(rollout, "completion_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(data, "reward", fake_reward)
+    rlvr.main(args(dataset, tmp_path, "--steps", "1", "--grad_ckpt", "--eval_every", "0"))
+    assert calls and metrics(tmp_path)[1]["grad_norm"] > 0
