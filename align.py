@@ -129,8 +129,7 @@ def main(argv=None):
     log(f"data: {len(rows)} alignment prompts, {len(val_rows)} held-out prompts")
 
     # ---- models: the policy, and the discriminator (warmed up, or fresh from a backbone)
-    resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    model, processor, _ = models.load_policy(cfg, device, resume_from)
+    model, processor, resume_from = models.load_policy(cfg, device, log)
     disc_path = os.path.join(resume_from, "discriminator") if resume_from else cfg.disc
     if os.path.isdir(disc_path):
         disc, disc_processor = discriminator.load(disc_path, device, dtype=cfg.dtype, attn=cfg.attn)
@@ -140,11 +139,9 @@ def main(argv=None):
     else:
         log(f"discriminator: none warmed up, building a fresh {cfg.disc_kind} one on {disc_path}")
         disc, disc_processor = discriminator.build(disc_path, device, kind=cfg.disc_kind, seed=cfg.seed)
-    total, trainable = models.count_params(model)
     d_total, d_trainable = models.count_params(disc)
-    log(f"policy: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable); discriminator: "
-        f"{disc.cfg['kind']}, {disc.cfg['n_experts']} experts ({d_total / 1e6:.2f}M, {d_trainable / 1e6:.2f}M trainable)"
-        + (f"; resuming from {resume_from}" if resume_from else ""))
+    log(f"discriminator: {disc.cfg['kind']}, {disc.cfg['n_experts']} experts ({d_total / 1e6:.2f}M parameters, "
+        f"{d_trainable / 1e6:.2f}M trainable)")
     # No DDP wrapper: the update calls the model in two pieces (prompt, then completions), which DDP's
     # bookkeeping does not allow, so rollout.policy_update all-reduces the gradients itself.
     if cfg.dist == "fsdp":
@@ -177,13 +174,15 @@ def main(argv=None):
         """D's scores (with gradients when enabled): teacher (B,) for each prompt, students (BN,)
         for the rollouts, 0 where invalid. One score() call per segment kind."""
         v = torch.nonzero(valid).squeeze(-1).tolist()
+        # each prompt's image is read from disk once, not once per scored segment (score() takes PIL images)
+        opened = [{**row, "images": [data.open_image(x) for x in row["images"]]} for row in r.rows]
+        prompts = opened + [opened[r.group[i]] for i in v]
         out = {}
         for which, teacher_key, student in (("cap", "teacher_caption", caps), ("cot", "teacher_cot", cots)):
-            prompts = r.rows + [r.rows[r.group[i]] for i in v]
             texts = [row[teacher_key] for row in r.rows] + [student[i] for i in v]
             scores, aux = discriminator.score(disc, disc_processor, prompts, texts, which, cfg.disc_micro_batch)
-            s = torch.zeros(len(r), device=scores.device).index_put((torch.tensor(v, dtype=torch.long),),
-                                                                    scores[len(r.rows):]) if v else scores.new_zeros(len(r))
+            s = scores.new_zeros(len(r))  # (BN,): invalid rollouts are not scored
+            s[v] = scores[len(r.rows):]
             out[which] = (scores[:len(r.rows)], s, aux, disc.stats["load"])
             out["nonfinite"] = out.get("nonfinite", 0) + disc.stats["nonfinite"]  # raw NaN/Inf scores
         return out
@@ -292,12 +291,7 @@ def main(argv=None):
                   "rollout_s": round(t_rollout, 3), "step_s": round(dt, 3),
                   "peak_mem_mb": round(common.peak_memory_mb(device), 1)}
         last_step = step + 1 == cfg.steps
-        if val_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step):
-            scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size,
-                                     cfg.eval_k)
-            record.update({k: round(v, 4) for k, v in scores.items()})
-            if master:
-                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+        rollout.evaluate_into(record, step + 1, cfg, model, processor, val_rows, rank, world)
         if master:
             common.append_jsonl(metrics_path, record)
             if cfg.samples_every and (step + 1) % cfg.samples_every == 0:

@@ -201,7 +201,7 @@ def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noi
     """A fresh discriminator from a VLM backbone -> (disc, processor). Any name models.load_model
     accepts; vision "auto" trains the tower of the random-init embedded models only (as sft.py)."""
     device = device or torch.device("cpu")
-    train_vision = vision == "trained" or (vision == "auto" and models.is_embedded(backbone))
+    train_vision = vision == "trained" or (vision == "auto" and backbone in models.PRESETS)
     train_vision = train_vision and kind != "text-only"  # text-only never runs the tower
     vlm, processor, _ = models.load_model(backbone, device, dtype=dtype, attn=attn, train_vision=train_vision, seed=seed)
     torch.manual_seed(seed)  # expert noise, routers and the value head

@@ -31,7 +31,7 @@ import shutil
 import torch
 
 CACHE_DIR = os.environ.get("NANOPRISM_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache"))
-BUILD_VERSION = 5  # bump when the embedded recipe changes, so stale caches are rebuilt
+BUILD_VERSION = 6  # bump when the embedded recipe changes, so stale caches are rebuilt
 
 HUB_ALIASES = {
     "Qwen3-VL-2B": "Qwen/Qwen3-VL-2B-Instruct",
@@ -176,7 +176,6 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
-    config.nanoprism_preset = preset  # travels with every checkpoint saved from it (see is_embedded)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
@@ -201,18 +200,6 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def is_embedded(name):
-    """True for the embedded presets and for checkpoints trained from them (their config carries
-    `nanoprism_preset`): these start from random weights, so stages train their vision tower too."""
-    if name in PRESETS:
-        return True
-    config = os.path.join(os.path.expanduser(name), "config.json")
-    if os.path.isfile(os.path.join(os.path.expanduser(name), "adapter_config.json")):
-        base = json.load(open(os.path.join(os.path.expanduser(name), "adapter_config.json")))["base_model_name_or_path"]
-        return is_embedded(base)
-    return os.path.isfile(config) and "nanoprism_preset" in json.load(open(config))
 
 
 def resolve_model(name, seed=0):
@@ -299,13 +286,20 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
     return model, processor, path
 
 
-def load_policy(cfg, device, resume_from=None):
-    """load_model with a stage config's options -> (model, processor, path). `--vision auto` trains
-    the tower only when it has never been trained (the random-init presets: a frozen random encoder
-    cannot learn to see); any trained tower stays frozen, as in the paper."""
-    return load_model(resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora,
-                      qlora=cfg.qlora, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
-                      train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in PRESETS))
+def load_policy(cfg, device, log=print):
+    """The policy of a stage: load_model with the stage config's options, from out_dir's latest
+    checkpoint when cfg.resume -> (model, processor, resume_from or None). Logs its size. `--vision
+    auto` trains the tower only when it has never been trained (the random-init presets: a frozen
+    random encoder cannot learn to see); any trained tower stays frozen, as in the paper."""
+    from common import latest_checkpoint
+    resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    model, processor, _ = load_model(resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora,
+                                     qlora=cfg.qlora, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
+                                     train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in PRESETS))
+    total, trainable = count_params(model)
+    log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
+        + (f", resuming from {resume_from}" if resume_from else ""))
+    return model, processor, resume_from
 
 
 def wrap_distributed(model, device, strategy="ddp"):

@@ -136,11 +136,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
 
     # ---- model
-    resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    model, processor, _ = models.load_policy(cfg, device, resume_from)
-    total, trainable = models.count_params(model)
-    log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
-        + (f", resuming from {resume_from}" if resume_from else ""))
+    model, processor, resume_from = models.load_policy(cfg, device, log)
     reference = None
     if cfg.kl_coef > 0 and not (cfg.lora or cfg.qlora):
         # a frozen copy of the starting policy; with LoRA the base under the adapter is the reference
@@ -249,14 +245,13 @@ def main(argv=None):
         r = rollout.concat([g[0] for g in got])
         keep, reward, acc, fmt = (torch.cat([g[i] for g in got]) for i in range(1, 5))  # (BN,) each
         idx = torch.nonzero(keep).squeeze(-1)[:per_rank * cfg.group_size]  # (kept,)
-        empty = len(idx) < cfg.mini_batches
-        if empty:
-            idx = torch.arange(len(r))
         # ---- 4. advantage
         advantages = rl_losses.group_advantages(reward, r.group)  # (BN,)
+        empty = len(idx) < cfg.mini_batches
         if empty:
             # nothing informative this step: keep the collectives in step (every rank must run the same
-            # backward calls) but zero the advantages, so the update is a no-op gradient
+            # backward calls) on the whole batch, but with zero advantages: a no-op gradient
+            idx = torch.arange(len(r))
             advantages.zero_()
         # ---- 5. policy update
         stats = rollout.policy_update(model, optimizer, params, r, advantages, idx, algo=cfg.algo,
@@ -287,12 +282,7 @@ def main(argv=None):
         if cfg.kl_coef:
             record["kl"] = round(stats.get("kl", 0.0), 5)
         last_step = step + 1 == cfg.steps
-        if val_rows and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step):
-            scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens,
-                                         cfg.eval_batch_size, cfg.eval_k)
-            record.update({k: round(v, 4) for k, v in scores.items()})
-            if master:
-                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+        rollout.evaluate_into(record, step + 1, cfg, model, processor, val_rows, rank, world)
         if master:
             common.append_jsonl(metrics_path, record)
             if cfg.samples_every and (step + 1) % cfg.samples_every == 0:

@@ -35,6 +35,7 @@ prompt's positions, and the re-scoring forward lets the model compute them for p
 Micro-batches are sized by a token budget (rows x padded length), so the same settings work for
 a 100-token toy prompt and a 2,000-token real one. Importing this module does no work.
 """
+import json
 import math
 from dataclasses import dataclass
 
@@ -42,7 +43,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import hf_model, unwrap, vision_token_ids
+import rl_losses
+from common import all_reduce_grads, all_reduce_sum, any_rank
+from model import generate, hf_model, unwrap, vision_token_ids
 
 
 @dataclass
@@ -68,7 +71,6 @@ class Rollouts:
 
 def check_config(cfg, world):
     """One-line errors for RL settings that cannot work (shared by align.py and rlvr.py)."""
-    import rl_losses
     if cfg.prompts_per_step % world:
         raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} ranks")
     if cfg.algo not in rl_losses.LOSSES:
@@ -101,6 +103,16 @@ def _per_prompt_pixels(enc, rows):
         out.append((enc["pixel_values"][row0:row0 + n], grid[img:img + c]))
         img, row0 = img + c, row0 + n
     return out
+
+
+def _prompt_batch(enc, pixels, prompts, device):
+    """The processor outputs (enc) of a subset of the prompts (a list of indices), on device; pixels
+    is _per_prompt_pixels(enc, rows). Used to cut sampling chunks and re-scoring micro-batches."""
+    sub = {k: enc[k][prompts] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
+    if pixels[0][0] is not None:
+        sub["pixel_values"] = torch.cat([pixels[g][0] for g in prompts])
+        sub["image_grid_thw"] = torch.cat([pixels[g][1] for g in prompts])
+    return {k: v.to(device) for k, v in sub.items()}
 
 
 def _next_positions(m, enc):
@@ -199,11 +211,7 @@ def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p
     pixels = _per_prompt_pixels(enc, rows)
     pieces = []
     for c in range(0, len(rows), per_chunk):
-        sub = {k: v[c:c + per_chunk] for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw")}
-        if pixels[0][0] is not None:
-            sub["pixel_values"] = torch.cat([p for p, _ in pixels[c:c + per_chunk]])
-            sub["image_grid_thw"] = torch.cat([g for _, g in pixels[c:c + per_chunk]])
-        sub = {k: v.to(device) for k, v in sub.items()}
+        sub = _prompt_batch(enc, pixels, list(range(c, min(c + per_chunk, len(rows)))), device)
         pieces.append([x.cpu() for x in _sample_chunk(m, sub, n, max_new_tokens, temperature, top_p,
                                                       blocked, eos_id, pad_id)])
     m.train(was_training)
@@ -228,16 +236,6 @@ def micro_batches(indices, rollouts, token_budget):
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
-def _prompt_batch(rollouts, prompts, device):
-    """The processor outputs of a subset of the prompts (indices into rollouts.rows), on device."""
-    enc = rollouts.prompt
-    sub = {k: enc[k][prompts] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
-    if rollouts.pixels[0][0] is not None:
-        sub["pixel_values"] = torch.cat([rollouts.pixels[g][0] for g in prompts])
-        sub["image_grid_thw"] = torch.cat([rollouts.pixels[g][1] for g in prompts])
-    return {k: v.to(device) for k, v in sub.items()}
-
-
 def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True):
     """(b, T) log-probs of the sampled tokens of rollouts idx under `model`, with gradients when
     enabled. The same shared-prefix trick as sampling, now with gradients:
@@ -256,7 +254,7 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
     idx = torch.as_tensor(idx)
     groups = rollouts.group[idx]  # (b,)
     prompts, local = groups.unique(return_inverse=True)  # distinct prompts (u,), each rollout's slot (b,)
-    prompt = _prompt_batch(rollouts, prompts.tolist(), device)
+    prompt = _prompt_batch(rollouts.prompt, rollouts.pixels, prompts.tolist(), device)
     ids, mask = rollouts.ids[idx].to(device), rollouts.mask[idx].to(device)  # (b, T)
     T = ids.shape[1]
     attn = torch.cat([prompt["attention_mask"][local], mask.long()], dim=1)  # (b, P+T)
@@ -319,8 +317,6 @@ def policy_update(model, optimizer, params, r, advantages, idx, *, algo, loss_kw
     returned "skipped_updates"; the other metrics average the optimizer steps taken (NaN if none).
 
     ref_logprobs(idx) -> (b, T) gives the reference policy's log-probs when kl_coef > 0."""
-    import rl_losses
-    from common import all_reduce_grads, all_reduce_sum, any_rank
     logs, skipped = [], 0
     for _ in range(ppo_epochs):
         order = idx[torch.randperm(len(idx))]
@@ -368,8 +364,6 @@ def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_
       val_format  format-valid rate (greedy), val_len mean greedy response length in tokens
     Sampling runs under its own seed inside fork_rng, so evaluating never shifts the training RNG
     stream (a resumed run stays bitwise equal). The model is unwrapped (no DDP collectives)."""
-    from common import all_reduce_sum
-    from model import generate
     mine = rows[rank::world]
     responses = generate(model, processor, mine, max_new_tokens, batch_size)
     rewards = [data.reward(x, row["ground_truth"]) for x, row in zip(responses, mine)]
@@ -392,10 +386,21 @@ def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_
     return out, samples
 
 
+def evaluate_into(record, step, cfg, model, processor, val_rows, rank, world):
+    """At an evaluation step (every cfg.eval_every steps, and the last; never without val_rows) add the
+    held-out numbers to this step's record, and print the record on rank 0. Shared by align / rlvr."""
+    if not val_rows or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+        return
+    scores, _ = held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_k)
+    record.update({k: round(v, 4) for k, v in scores.items()})
+    if rank == 0:
+        from tqdm import tqdm
+        tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+
+
 def start_end_table(metrics_path, record, where, label):
     """The markdown table a stage prints at the end: held-out numbers at step 0 (the first line of
     metrics.jsonl) and now (record); empty when the run never evaluated."""
-    import json
     if "val_acc" not in record:
         return ""
     with open(metrics_path) as f:

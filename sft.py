@@ -167,11 +167,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
 
     # ---- model
-    resume_from = common.latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    model, processor, _ = models.load_policy(cfg, device, resume_from)
-    total, trainable = models.count_params(model)
-    log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
-        + (f", resuming from {resume_from}" if resume_from else ""))
+    model, processor, resume_from = models.load_policy(cfg, device, log)
     # validation loss is measured on the teacher's answers to the validation prompts
     val_items = [data.encode_sft({"messages": r["messages"] + [{"role": "assistant", "content": r["teacher_response"]}],
                                   "images": r["images"]}, processor) for r in val_rows]
