@@ -210,11 +210,11 @@ def main(argv=None):
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
     info = common.run_info(cfg)
     from tqdm import tqdm
-    if start_step == 0 and val_rows:  # the starting point of the held-out curve (each rank: its share)
-        scores, _ = rollout.held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size,
-                                     cfg.eval_k)
-        if master:
-            common.append_jsonl(metrics_path, {"step": 0, **{k: round(v, 4) for k, v in scores.items()}})
+    if start_step == 0:  # the starting point of the held-out curve (each rank evaluates its share)
+        record = {"step": 0}
+        rollout.evaluate_into(record, 0, cfg, model, processor, val_rows, rank, world)
+        if master and len(record) > 1:
+            common.append_jsonl(metrics_path, record)
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not master,
                desc="align", mininterval=1 if sys.stderr.isatty() else 30)
     record = {}

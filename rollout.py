@@ -387,9 +387,9 @@ def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_
 
 
 def evaluate_into(record, step, cfg, model, processor, val_rows, rank, world):
-    """At an evaluation step (every cfg.eval_every steps, and the last; never without val_rows) add the
-    held-out numbers to this step's record, and print the record on rank 0. Shared by align / rlvr."""
-    if not val_rows or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+    """At an evaluation step (0, every cfg.eval_every steps, and the last; never without val_rows) add
+    the held-out numbers to this step's record, and print the record on rank 0. Shared by align / rlvr."""
+    if not val_rows or not (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
         return
     scores, _ = held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_k)
     record.update({k: round(v, 4) for k, v in scores.items()})
