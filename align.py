@@ -104,7 +104,8 @@ class Config:
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # policy gradient checkpointing
-    dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy for the policy under torchrun
+    dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced by hand) | fsdp (FSDP2 sharding of policy and discriminator)
+    cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row (each one is skipped; 0 = never)
 
@@ -131,21 +132,26 @@ def main(argv=None):
     # ---- models: the policy, and the discriminator (warmed up, or fresh from a backbone)
     model, processor, resume_from = models.load_policy(cfg, device, log)
     disc_path = os.path.join(resume_from, "discriminator") if resume_from else cfg.disc
+    # under FSDP: fp32 shards, bf16 compute on CUDA (as models.load_policy)
+    disc_dtype = "fp32" if cfg.dtype == "auto" and cfg.dist == "fsdp" and world > 1 else cfg.dtype
     if os.path.isdir(disc_path):
-        disc, disc_processor = discriminator.load(disc_path, device, dtype=cfg.dtype, attn=cfg.attn)
+        disc, disc_processor = discriminator.load(disc_path, device, dtype=disc_dtype, attn=cfg.attn)
     elif disc_path.startswith(("/", ".", "~", "runs")):
         raise SystemExit(f"error: discriminator folder {disc_path} not found; warm one up first: "
                          "python discriminator.py warmup --policy runs/sft/final --out_dir runs/disc_warmup")
     else:
         log(f"discriminator: none warmed up, building a fresh {cfg.disc_kind} one on {disc_path}")
-        disc, disc_processor = discriminator.build(disc_path, device, kind=cfg.disc_kind, seed=cfg.seed)
+        disc, disc_processor = discriminator.build(disc_path, device, kind=cfg.disc_kind, seed=cfg.seed, dtype=disc_dtype)
     d_total, d_trainable = models.count_params(disc)
     log(f"discriminator: {disc.cfg['kind']}, {disc.cfg['n_experts']} experts ({d_total / 1e6:.2f}M parameters, "
         f"{d_trainable / 1e6:.2f}M trainable)")
     # No DDP wrapper: the update calls the model in two pieces (prompt, then completions), which DDP's
-    # bookkeeping does not allow, so rollout.policy_update all-reduces the gradients itself.
+    # bookkeeping does not allow, so rollout.policy_update all-reduces the gradients itself. Under
+    # FSDP2 both models are sharded; their gradients are reduced in backward, the policy's summed (as
+    # policy_update would), the discriminator's averaged (as disc_update would).
     if cfg.dist == "fsdp":
-        model = models.wrap_distributed(model, device, cfg.dist)
+        model = models.wrap_distributed(model, device, "fsdp", grads="sum", cpu_offload=cfg.cpu_offload)
+        disc = models.wrap_distributed(disc, device, "fsdp", grads="mean", cpu_offload=cfg.cpu_offload)
 
     # ---- optimizers: one per model, separate learning rates, constant (paper)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -156,8 +162,8 @@ def main(argv=None):
     start_step, cursor, bad = 0, 0, {"bad_steps": 0, "bad_streak": 0}  # bad: steps skipped for NaN/Inf
     if resume_from:
         state = common.load_trainer_state(resume_from, rank)
-        optimizer.load_state_dict(state["optimizer"])
-        disc_optimizer.load_state_dict(state["disc_optimizer"])
+        models.load_optimizer_state(model, optimizer, state["optimizer"])
+        models.load_optimizer_state(disc, disc_optimizer, state["disc_optimizer"])
         start_step, cursor, bad["bad_steps"] = state["step"], state["cursor"], state.get("bad_steps", 0)
 
     # ----------------------------------------------------------------------------- helpers
@@ -198,7 +204,7 @@ def main(argv=None):
         (loss + cfg.aux_coef * (aux_cap + aux_cot) / 2).backward()
         # D is not DDP-wrapped either; average its gradients over ranks (each scored different rollouts)
         common.all_reduce_grads(disc_params, average=True)
-        grad_norm = torch.nn.utils.clip_grad_norm_(disc_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = common.clip_grad_norm(disc_params, cfg.grad_clip)
         # a NaN/Inf loss (per rank: any_rank) or gradient norm (global) skips the step on every rank
         skipped = common.any_rank(not math.isfinite(loss.item())) or not torch.isfinite(grad_norm)
         if not skipped:
@@ -312,15 +318,15 @@ def main(argv=None):
         common.stop_if_diverged(bad, cfg.max_bad_steps, step + 1, cfg.out_dir)  # never after too many skipped steps
         if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step) and not why:  # nor on one
             common.save_checkpoint(cfg.out_dir, step + 1, save_models,
-                                   {"optimizer": optimizer.state_dict(), "disc_optimizer": disc_optimizer.state_dict(),
+                                   {"optimizer": models.optimizer_state(model, optimizer), "disc_optimizer": models.optimizer_state(disc, disc_optimizer),
                                     "step": step + 1, "cursor": cursor, "bad_steps": bad["bad_steps"]}, info, rank)
         if cfg.stop_after and step + 1 >= cfg.stop_after:
             log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
             return
 
     # ---- save
+    log(f"saved {common.save_final(cfg.out_dir, save_models, info)}")
     if master:
-        log(f"saved {common.save_final(cfg.out_dir, save_models, info)}")
         log(rollout.start_end_table(metrics_path, record, f"{cfg.val_data}, {len(val_rows)} prompts", "after alignment"))
     common.finish()
 

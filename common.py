@@ -110,19 +110,28 @@ def finish():
 
 
 def save_final(out_dir, save_models, info):
-    """Rank 0: write out_dir/final atomically (the models via save_models(folder), plus run.json)."""
+    """Write out_dir/final atomically: the models via save_models(folder), plus run.json. Every rank
+    calls it (under FSDP saving gathers the shards, a collective); rank 0 writes."""
     final = os.path.join(out_dir, "final")
-
-    def write(tmp):
-        save_models(tmp)
+    tmp = final + ".tmp"
+    if get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    save_models(tmp)
+    if get_rank() == 0:
         with open(os.path.join(tmp, "run.json"), "w") as f:
             json.dump(info, f, indent=2)
-    write_dir_atomic(final, write)
+        _replace_dir(tmp, final)
+    barrier()
     return final
 
 
 def is_dist():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_rank():
+    return torch.distributed.get_rank() if is_dist() else 0
 
 
 def barrier():
@@ -137,6 +146,13 @@ def all_reduce_sum(t):
     return t
 
 
+def all_reduce_max(t):
+    """Maximum of a tensor over ranks, in place (a no-op single-process), returned."""
+    if is_dist():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
 def any_rank(flag):
     """True on every rank if flag is true on any rank: for a branch all ranks must take together."""
     return all_reduce_sum(torch.tensor(float(bool(flag)))).item() > 0
@@ -147,8 +163,10 @@ def all_reduce_grads(params, average=False):
     done by hand for models that are called in pieces (the RL stages' shared-prompt forward), where
     DDP's one-forward-one-backward bookkeeping does not fit. One flat buffer per dtype, one
     collective each. A parameter without a gradient on this rank contributes zeros, so every rank
-    sends buffers of the same size."""
-    if not is_dist():
+    sends buffers of the same size. Parameters sharded by FSDP (DTensors) are skipped: FSDP already
+    reduced their gradients in backward."""
+    params = [p for p in params if not hasattr(p, "device_mesh")]
+    if not is_dist() or not params:
         return
     by_dtype = {}
     for p in params:
@@ -162,6 +180,13 @@ def all_reduce_grads(params, average=False):
         for p in group:
             p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
+
+
+def clip_grad_norm(params, max_norm):
+    """Clip the global gradient norm of params to max_norm (0 = no clipping) and return the norm
+    before clipping as a plain tensor (under FSDP it is computed over all shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def seed_everything(seed):
@@ -276,8 +301,9 @@ def run_info(cfg):
 def save_checkpoint(out_dir, step, save_model, trainer_state, info, rank=0, keep=2):
     """Write checkpoint `step` atomically. Every rank calls this (each saves its own RNG streams).
 
-    save_model(path) writes the weights (and processor) in Hugging Face format; trainer_state is a
-    dict of tensors / numbers (optimizer, scheduler, step) loaded later with weights_only=True."""
+    save_model(path) writes the weights (and processor) in Hugging Face format, called on every
+    rank (rank 0 writes); trainer_state is a dict of tensors / numbers (optimizer, scheduler, step),
+    written by rank 0 and loaded later with weights_only=True."""
     ckpt_root = os.path.join(out_dir, "ckpt")
     final = os.path.join(ckpt_root, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -286,8 +312,8 @@ def save_checkpoint(out_dir, step, save_model, trainer_state, info, rank=0, keep
         os.makedirs(tmp)
     barrier()  # the folder must exist before the other ranks write their RNG files into it
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    save_model(tmp)  # every rank: under FSDP the shards are gathered (a collective); rank 0 writes
     if rank == 0:
-        save_model(tmp)
         torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "run.json"), "w") as f:
             json.dump(info, f, indent=2)
@@ -310,6 +336,11 @@ def write_dir_atomic(path, write):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
+    _replace_dir(tmp, path)
+
+
+def _replace_dir(tmp, path):
+    """Rename the complete folder tmp to path, replacing what was there."""
     # Move the old folder aside before the new one takes its name: a kill in between leaves both
     # complete copies on disk (path.old and path) rather than none.
     shutil.rmtree(path + ".old", ignore_errors=True)

@@ -204,12 +204,15 @@ def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noi
     train_vision = vision == "trained" or (vision == "auto" and backbone in models.PRESETS)
     train_vision = train_vision and kind != "text-only"  # text-only never runs the tower
     vlm, processor, _ = models.load_model(backbone, device, dtype=dtype, attn=attn, train_vision=train_vision, seed=seed)
-    torch.manual_seed(seed)  # expert noise, routers and the value head
     dense = kind == "dense"
     cfg = {"kind": kind, "n_experts": 1 if dense else n_experts, "top_k": 1 if dense else top_k, "noise": noise,
            "routing": routing, "max_segment_tokens": max_segment_tokens, "train_vision": train_vision,
            "backbone": backbone}
-    return Discriminator(vlm.model, cfg), processor
+    # expert noise, routers and the value head from `seed`: the same on every rank, and the caller's
+    # RNG stream (seeded per rank, for sampling) is left where it was
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Discriminator(vlm.model, cfg), processor
 
 
 def param_groups(disc, weight_decay=0.01):
@@ -223,13 +226,16 @@ def param_groups(disc, weight_decay=0.01):
 def save(disc, processor, path, info=None):
     """Atomically write path/: model.safetensors (the whole state dict), disc_config.json (our
     settings), backbone_config.json (the HF config, so load() needs no backbone folder), the
-    tokenizer and image processor, and run.json when info is given."""
+    tokenizer and image processor, and run.json when info is given. Every rank calls it (under
+    FSDP the shards are gathered first); rank 0 writes."""
     from safetensors.torch import save_file
     disc = models.unwrap(disc)
+    state = models.full_state_dict(disc) or disc.state_dict()
+    if common.get_rank() != 0:
+        return
 
     def write(tmp):
-        save_file({k: v.detach().cpu().contiguous() for k, v in disc.state_dict().items()},
-                  os.path.join(tmp, "model.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "disc_config.json"), "w") as f:
             json.dump(disc.cfg, f, indent=2)
         disc.backbone.config.to_json_file(os.path.join(tmp, "backbone_config.json"))
@@ -316,12 +322,18 @@ def score(disc, processor, prompts, segments, which, micro_batch=16):
     if len(prompts) != len(segments) or not prompts:
         raise ValueError(f"need as many segments as prompts, at least one: got {len(prompts)} and {len(segments)}")
     inner = models.unwrap(disc)  # under DDP the forward goes through the wrapper (gradient sync), the rest not
-    device = inner.value_head.weight.device
+    device = models.input_device(disc)
     scores, auxes, loads, truncated, nonfinite = [], [], [], 0, 0
-    for i in range(0, len(prompts), micro_batch):
+    # under FSDP all ranks run as many forwards (each is a collective): padding copies of the first
+    # micro-batch join the graph with weight 0 (models.even_split)
+    pieces, real = models.even_split(list(range(0, len(prompts), micro_batch)))
+    for i, keep in zip(pieces, real):
         batch, cut = encode(processor, prompts[i:i + micro_batch], segments[i:i + micro_batch],
                             inner.cfg["kind"] == "text-only", inner.cfg["max_segment_tokens"])
         s, aux = disc({k: v.to(device) for k, v in batch.items()}, which)
+        if not keep:
+            auxes[0] = auxes[0] + 0 * (s.sum() + aux)
+            continue
         scores.append(s)
         auxes.append(aux)
         loads += [m.load for m in inner.moe_layers()]
@@ -496,7 +508,7 @@ def warmup(argv):
             group["lr"] = lr
         loss, record = pair_loss(disc, processor, batch, cfg.aux_coef, cfg.score_reg)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = common.clip_grad_norm(disc.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

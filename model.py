@@ -22,11 +22,16 @@ Facts this file relies on (measured, see ../shared/MEASURED.md):
 
 Importing this module does no work.
 """
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import sys
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -265,6 +270,14 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
         raise SystemExit(f"error: cannot load model {name!r} from {base_path!r}: {str(e).splitlines()[0]}")
     if not qlora:
         model.to(device)
+    else:
+        import bitsandbytes as bnb
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                # bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a 4-bit weight the first time it
+                # runs without gradients (every rollout), and the repacked kernel has no backward:
+                # the LoRA gradients through that layer would silently vanish from then on
+                module.support_avx512bf16_for_cpu = False
 
     if not train_vision:
         # The vision tower and the merger (projector) are frozen, as in the paper's SFT.
@@ -281,8 +294,12 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
         model = PeftModel.from_pretrained(model, path, is_trainable=True)
     elif lora or qlora:
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        # fresh adapters drawn from `seed`: identical on every rank (the RL stages have no DDP wrapper
+        # to broadcast them), and the caller's per-rank sampling RNG is left untouched
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                                     target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     return model, processor, path
 
 
@@ -291,9 +308,11 @@ def load_policy(cfg, device, log=print):
     checkpoint when cfg.resume -> (model, processor, resume_from or None). Logs its size. `--vision
     auto` trains the tower only when it has never been trained (the random-init presets: a frozen
     random encoder cannot learn to see); any trained tower stays frozen, as in the paper."""
-    from common import latest_checkpoint
+    from common import is_dist, latest_checkpoint
     resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    model, processor, _ = load_model(resume_from or cfg.model, device, dtype=cfg.dtype, attn=cfg.attn, lora=cfg.lora,
+    # FSDP keeps fp32 shards and computes in bf16 (wrap_distributed), so it loads fp32 by default
+    dtype = "fp32" if cfg.dtype == "auto" and cfg.dist == "fsdp" and is_dist() else cfg.dtype
+    model, processor, _ = load_model(resume_from or cfg.model, device, dtype=dtype, attn=cfg.attn, lora=cfg.lora,
                                      qlora=cfg.qlora, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
                                      train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in PRESETS))
     total, trainable = count_params(model)
@@ -302,22 +321,116 @@ def load_policy(cfg, device, log=print):
     return model, processor, resume_from
 
 
-def wrap_distributed(model, device, strategy="ddp"):
-    """Wrap for data-parallel training under torchrun; returns the model unchanged single-process.
+def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=False):
+    """Data parallelism under torchrun; returns the model unchanged single-process.
 
-    DDP keeps a full replica per rank and averages gradients in backward. FSDP2 (sharding each
-    vision block and language layer) is the seam issue 6 fills; asking for it now says so."""
+    ddp   a full replica per rank, gradients averaged in backward (DDP's wrapper).
+    fsdp  FSDP2: each vision block and each language layer is its own shard unit, then the root
+          takes what is left (embeddings, norms, LM head, projector, value head). A rank holds
+          1/world of every weight, gradient and optimizer state; a unit's full weights exist
+          only while it runs (all-gathered in forward and again in backward). On CUDA the sharded
+          weights stay fp32 (load with --dtype auto: fp32 under fsdp) and compute runs in bf16
+          (MixedPrecisionPolicy); --cpu_offload keeps the shards and optimizer states in CPU RAM.
+          grads: "mean" averages over ranks (as DDP: sft.py, the discriminator), "sum" adds them
+          (the RL stages, whose losses are already divided by global token counts).
+
+    Under fsdp: sampling and evaluation run inside `gathered(model)`; checkpoints go through
+    save_pretrained / optimizer_state, which gather the full tensors on rank 0; and every rank
+    must run the same number of forwards (each one is a collective), see even_split."""
     from common import is_dist
     if not is_dist():
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    raise SystemExit(f"error: --dist {strategy} is not implemented yet (FSDP2 is planned); use --dist ddp")
+    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
+        raise SystemExit("error: --qlora cannot be combined with --dist fsdp here (4-bit weights are not "
+                         "sharded); use --lora with fsdp, or --qlora with ddp / one GPU")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    kwargs = {"mesh": init_device_mesh(device.type, (torch.distributed.get_world_size(),))}
+    if device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    # the units: elements of a ModuleList called blocks (vision) or layers (language model), found
+    # by name so the same code shards the policy, a peft-wrapped policy and the discriminator
+    units = [m for name, m in model.named_modules() if re.search(r"(^|\.)(blocks|layers)\.\d+$", name)]
+    for unit in units + [model]:
+        fully_shard(unit, **kwargs)
+    for unit in units + [model]:
+        unit.set_gradient_divide_factor(1.0 if grads == "sum" else float(torch.distributed.get_world_size()))
+        unit.set_force_sum_reduction_for_comms(True)  # scale apart from the sum: gloo has no PREMUL_SUM
+        # A parameter that got no gradient on one rank (an unused expert) still joins the
+        # reduce-scatter as zeros, so every rank sends the same sizes
+        unit.set_reduce_scatter_unused_params(True)
+    if hasattr(model, "generate"):
+        # generate() calls the vision tower before the root's forward; registering it makes it
+        # run FSDP's root hooks first, as a forward does
+        register_fsdp_forward_method(model, "generate")
+    return model
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP: every unit's full weights on every rank for the duration, kept between forwards.
+
+    Sampling and evaluation run many forwards whose number differs per rank (responses end at
+    different lengths); with the weights gathered once up front, those forwards need no
+    collective and ranks never wait on each other. Costs the full model's memory for the
+    duration, as generation under ZeRO-3 does in other trainers. A no-op without FSDP, and when
+    already inside."""
+    from torch.distributed.fsdp import FSDPModule
+    model = unwrap(model)
+    if not is_sharded(model) or getattr(model, "_gathered", False):
+        yield
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    model._gathered = True
+    try:
+        yield
+    finally:
+        model._gathered = False
+        for unit in units:
+            unit.reshard()
+            # training again: units free their weights after forward, the root keeps its own
+            # (FSDP's default: the root's are needed again first in backward)
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
+
+
+def input_device(model):
+    """The device a model's inputs go to (its parameters' device; under FSDP the mesh's)."""
+    p = next(unwrap(model).parameters())
+    if getattr(p, "device_mesh", None) is not None and p.device_mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return p.device
+
+
+def even_split(pieces):
+    """Under FSDP every rank must call a model the same number of times (each forward and
+    backward is a collective). Pad a rank's list of micro-batches with copies of its first one up
+    to the largest count over ranks -> (pieces, real), real[i] False for a padding copy, whose
+    loss the caller multiplies by 0 (it must still join the backward). Single-process: unchanged.
+    (DDP and the manual gradient all-reduce would not need it; it costs them nothing when the
+    counts already agree, which is the usual case.)"""
+    from common import all_reduce_max, is_dist
+    if not is_dist():
+        return pieces, [True] * len(pieces)
+    most = int(all_reduce_max(torch.tensor(len(pieces))).item())
+    return pieces + pieces[:1] * (most - len(pieces)), [True] * len(pieces) + [False] * (most - len(pieces))
 
 
 def unwrap(model):
-    """The plain model under a DDP wrapper (generate and save_pretrained live there)."""
+    """The plain model under a DDP wrapper (generate and save_pretrained live there). FSDP2 keeps
+    the module itself (its class is swapped for a sharded subclass), so there is nothing to unwrap."""
     from torch.nn.parallel import DistributedDataParallel
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -329,13 +442,56 @@ def hf_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def full_state_dict(model):
+    """Every rank calls this. Under FSDP: the full tensors gathered onto rank 0's CPU (the other
+    ranks get {}); otherwise None (the model's own state_dict is already whole)."""
+    if not is_sharded(unwrap(model)):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    state = get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied weights (the LM head and the embeddings of the small Qwen3-VLs) come back as two equal
+    # copies; alias them again so save_pretrained recognises the tie and stores one.
+    first = {}
+    for name, p in unwrap(model).named_parameters(remove_duplicate=False):
+        if id(p) in first and name in state and first[id(p)] in state:
+            state[name] = state[first[id(p)]]
+        first.setdefault(id(p), name)
+    return state
+
+
 def save_pretrained(model, processor, path):
-    """Weights (safetensors) and the processor's parts in a Hugging Face folder. We save the tokenizer
-    and image processor separately, not our image-only processor class, so the folder stays a plain
-    Qwen3-VL folder (load_processor rebuilds ours from the parts)."""
-    unwrap(model).save_pretrained(path, safe_serialization=True)
+    """Weights (safetensors) and the processor's parts in a Hugging Face folder. Every rank calls
+    this (under FSDP the shards are gathered first); rank 0 writes. We save the tokenizer and image
+    processor separately, not our image-only processor class, so the folder stays a plain Qwen3-VL
+    folder (load_processor rebuilds ours from the parts)."""
+    from common import get_rank
+    state = full_state_dict(model)
+    if get_rank() != 0:
+        return
+    unwrap(model).save_pretrained(path, safe_serialization=True, state_dict=state)
+    # names the processor class, so AutoProcessor also builds the whole processor from an adapter
+    # folder (which has no config.json to tell it the model type)
+    processor.image_processor.processor_class = "Qwen3VLProcessor"
     processor.tokenizer.save_pretrained(path)
     processor.image_processor.save_pretrained(path)
+
+
+def optimizer_state(model, optimizer):
+    """Every rank calls this -> what goes into trainer_state.pt. Under FSDP the full state keyed by
+    parameter name, gathered on rank 0 (so a run can resume on another number of GPUs)."""
+    if not is_sharded(unwrap(model)):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(unwrap(model), optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state):
+    """optimizer_state's output back into the optimizer (each rank keeps its shard under FSDP)."""
+    if not is_sharded(unwrap(model)):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(unwrap(model), optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 def count_params(model):
@@ -358,15 +514,77 @@ def generate(model, processor, rows, max_new_tokens=128, batch_size=32, do_sampl
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     tok = processor.tokenizer
     sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(do_sample=False)
     texts = []
-    for i in range(0, len(rows), batch_size):
-        enc = encode_prompts(rows[i:i + batch_size], processor).to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(tok), use_cache=True,
-                             eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
-                             **sampling)  # (b, prompt_len + new)
-        texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    with gathered(model):  # under FSDP: ranks generate different numbers of tokens, without collectives
+        for i in range(0, len(rows), batch_size):
+            enc = encode_prompts(rows[i:i + batch_size], processor).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(tok),
+                                 use_cache=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                                 pad_token_id=tok.pad_token_id, **sampling)  # (b, prompt_len + new)
+            texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train(was_training)
     return texts
+
+
+# -----------------------------------------------------------------------------------------------
+# Merging a LoRA adapter into a full checkpoint: `python model.py merge --adapter A --out B`.
+# The result needs neither peft nor this repo to load (tools that serve Qwen3-VL, other trainers).
+
+
+def merge_adapter(adapter_dir, out_dir, dtype="auto"):
+    """Fold the LoRA adapter in `adapter_dir` into its base model -> out_dir, a plain Hugging Face
+    Qwen3-VL folder (weights + tokenizer + image processor, as save_pretrained writes them).
+
+    The base is loaded in full precision even under a QLoRA adapter: adding B @ A into nf4 weights
+    would round the sum back to 4 bits. The merge runs in fp32 on the CPU (no GPU; 4 bytes of RAM
+    per parameter, 32 GB for an 8B model); the weights are then saved in `dtype`, by default the one
+    the base was stored in (a bf16 hub model stays bf16, the embedded presets fp32). Written
+    atomically: a crash leaves no half folder."""
+    from common import write_dir_atomic
+    if not os.path.isdir(adapter_dir):
+        raise SystemExit(f"error: adapter folder {adapter_dir} not found")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not os.path.exists(os.path.join(adapter_dir, name)):
+            full = os.path.exists(os.path.join(adapter_dir, "config.json"))
+            raise SystemExit(f"error: {adapter_dir} is not a LoRA adapter folder (no {name})"
+                             + ("; it is a full checkpoint already, nothing to merge" if full else ""))
+    if os.path.abspath(out_dir) == os.path.abspath(adapter_dir):
+        raise SystemExit("error: --out must differ from --adapter (the merge would replace the adapter)")
+    # load_model sees adapter_config.json: it loads the base (fp32, no quantisation), then the adapter
+    model, processor, _ = load_model(adapter_dir, torch.device("cpu"), dtype="fp32")
+    if dtype == "auto":
+        from transformers import AutoConfig
+        base = json.load(open(os.path.join(adapter_dir, "adapter_config.json")))["base_model_name_or_path"]
+        dtype = AutoConfig.from_pretrained(base).dtype or torch.float32  # the dtype its config.json records
+    else:
+        dtype = pick_dtype(torch.device("cpu"), dtype)
+    model = model.merge_and_unload()  # W <- W + (alpha / r) * B @ A in every adapted layer; peft's wrapper is gone
+    model.to(dtype)
+    for name in model.config.sub_configs:  # the fp32 load wrote "float32" into text_config and vision_config too
+        getattr(model.config, name).dtype = dtype
+    write_dir_atomic(out_dir, lambda tmp: save_pretrained(model, processor, tmp))
+    return out_dir
+
+
+@dataclass
+class MergeConfig:
+    adapter: str = "runs/rlvr/final"  # a LoRA / QLoRA adapter folder (adapter_config.json + adapter_model.safetensors)
+    out: str = "runs/rlvr/merged"  # the merged full checkpoint (replaced atomically if it exists)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # saved weights' dtype (auto: the base's own)
+
+
+def main(argv=None):
+    from common import parse_config
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "merge":
+        raise SystemExit("usage: python model.py merge --adapter runs/x/final --out runs/x/merged"
+                         "   (python model.py merge -h lists the flags)")
+    cfg = parse_config(MergeConfig, argv[1:])
+    print(f"merged {cfg.adapter} into {merge_adapter(cfg.adapter, cfg.out, cfg.dtype)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -100,7 +100,8 @@ class Config:
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # gradient checkpointing
-    dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy under torchrun
+    dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas, gradients all-reduced by hand) | fsdp (FSDP2 sharding)
+    cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row (each one is skipped; 0 = never)
 
@@ -169,8 +170,8 @@ def main(argv=None):
     log(f"data: {len(rows)} RL prompts, {len(val_rows)} held-out prompts")
     # No DDP wrapper: the update calls the model in two pieces (prompt, then completions), which DDP's
     # bookkeeping does not allow, so rollout.policy_update all-reduces the gradients itself.
-    if cfg.dist == "fsdp":
-        model = models.wrap_distributed(model, device, cfg.dist)
+    if cfg.dist == "fsdp":  # FSDP2 sums the gradients over ranks in backward, as policy_update would
+        model = models.wrap_distributed(model, device, "fsdp", grads="sum", cpu_offload=cfg.cpu_offload)
 
     # ---- optimizer: AdamW at a constant lr (paper), no weight decay on norms and biases
     params = [p for p in model.parameters() if p.requires_grad]
@@ -179,7 +180,7 @@ def main(argv=None):
     start_step, cursor, bad = 0, 0, {"bad_steps": 0, "bad_streak": 0}  # bad: steps skipped for NaN/Inf
     if resume_from:
         state = common.load_trainer_state(resume_from, rank)
-        optimizer.load_state_dict(state["optimizer"])
+        models.load_optimizer_state(model, optimizer, state["optimizer"])
         start_step, cursor, bad["bad_steps"] = state["step"], state["cursor"], state.get("bad_steps", 0)
 
     # ----------------------------------------------------------------------------- helpers
@@ -298,15 +299,15 @@ def main(argv=None):
         common.stop_if_diverged(bad, cfg.max_bad_steps, step + 1, cfg.out_dir)
         if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step) and not why:
             common.save_checkpoint(cfg.out_dir, step + 1, lambda path: models.save_pretrained(model, processor, path),
-                                   {"optimizer": optimizer.state_dict(), "step": step + 1, "cursor": cursor,
+                                   {"optimizer": models.optimizer_state(model, optimizer), "step": step + 1, "cursor": cursor,
                                     "bad_steps": bad["bad_steps"]}, info, rank)
         if cfg.stop_after and step + 1 >= cfg.stop_after:
             log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
             return
 
     # ---- save
+    log(f"saved {common.save_final(cfg.out_dir, lambda path: models.save_pretrained(model, processor, path), info)}")
     if master:
-        log(f"saved {common.save_final(cfg.out_dir, lambda path: models.save_pretrained(model, processor, path), info)}")
         log(rollout.start_end_table(metrics_path, record, f"{cfg.val_data}, {len(val_rows)} prompts", f"after {cfg.algo}"))
     common.finish()
 

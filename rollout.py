@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 import data
 import rl_losses
-from common import all_reduce_grads, all_reduce_sum, any_rank
-from model import generate, hf_model, unwrap, vision_token_ids
+from common import all_reduce_grads, all_reduce_sum, any_rank, clip_grad_norm
+from model import even_split, gathered, generate, hf_model, input_device, unwrap, vision_token_ids
 
 
 @dataclass
@@ -201,7 +201,7 @@ def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p
     m = unwrap(model)
     was_training = m.training
     m.eval()
-    device = next(m.parameters()).device
+    device = input_device(m)
     tok = processor.tokenizer
     eos_id, pad_id = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
     blocked = vision_token_ids(tok)
@@ -210,10 +210,11 @@ def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p
     per_chunk = max(1, token_budget // (n * (prompt_len + max_new_tokens)))
     pixels = _per_prompt_pixels(enc, rows)
     pieces = []
-    for c in range(0, len(rows), per_chunk):
-        sub = _prompt_batch(enc, pixels, list(range(c, min(c + per_chunk, len(rows)))), device)
-        pieces.append([x.cpu() for x in _sample_chunk(m, sub, n, max_new_tokens, temperature, top_p,
-                                                      blocked, eos_id, pad_id)])
+    with gathered(m):  # under FSDP: full weights for the whole sampling phase, no per-token collectives
+        for c in range(0, len(rows), per_chunk):
+            sub = _prompt_batch(enc, pixels, list(range(c, min(c + per_chunk, len(rows)))), device)
+            pieces.append([x.cpu() for x in _sample_chunk(m, sub, n, max_new_tokens, temperature, top_p,
+                                                          blocked, eos_id, pad_id)])
     m.train(was_training)
     # chunks may stop at different lengths: right-pad to the longest
     T = max(p[0].shape[1] for p in pieces)
@@ -250,7 +251,7 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
     gradient of the plain forward. Gradient checkpointing cannot return the cache; with it we run the
     plain forward on prompt + completion instead (share_prefix=False does the same, for tests)."""
     m = unwrap(model)
-    device = next(m.parameters()).device
+    device = input_device(m)
     idx = torch.as_tensor(idx)
     groups = rollouts.group[idx]  # (b,)
     prompts, local = groups.unique(return_inverse=True)  # distinct prompts (u,), each rollout's slot (b,)
@@ -330,20 +331,25 @@ def policy_update(model, optimizer, params, r, advantages, idx, *, algo, loss_kw
                 skipped += 1
                 continue
             step_log = {}
-            for micro in micro_batches(mb, r, token_budget):
+            # under FSDP every rank must run as many micro-batches: padding copies count 0 (even_split)
+            pieces, real = even_split(micro_batches(mb, r, token_budget))
+            for micro, keep in zip(pieces, real):
                 logp = completion_logprobs(model, r, micro, temperature)  # (b, T) with gradients
                 device = logp.device
                 extra = dict(kl_coef=kl_coef, ref_logp=ref_logprobs(micro).to(device)) if kl_coef else {}
                 loss, m = rl_losses.policy_loss(logp, r.logp[micro].to(device), advantages[micro].to(device),
                                                 r.mask[micro].to(device), algo, global_tokens=counts[0].item(),
                                                 global_seqs=counts[1].item(), **loss_kwargs, **extra)
+                if not keep:
+                    (0 * loss).backward()
+                    continue
                 loss.backward()
                 # micro-batch metrics are token-weighted so the step's numbers match one big batch
                 w = r.mask[micro].sum().item() / max(mask.sum().item(), 1.0)
                 for k, v in {"loss": loss.item(), **m}.items():
                     step_log[k] = step_log.get(k, 0.0) + (v if k == "loss" else v * w)
             all_reduce_grads(params)  # sum over ranks (the losses were divided by global counts)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            grad_norm = clip_grad_norm(params, grad_clip)
             # the gradient norm is global, the loss per rank: any_rank so that all ranks skip together
             if any_rank(not math.isfinite(step_log["loss"])) or not torch.isfinite(grad_norm):
                 skipped += 1

@@ -78,9 +78,11 @@ class Config:
     lora_r: int = 16  # LoRA rank
     vision: Literal["auto", "frozen", "trained"] = "auto"  # the vision tower + projector; auto freezes pretrained ones (paper) but trains the random-init embedded ones
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
+    pack: Literal["auto", "on", "off"] = "auto"  # padding-free micro-batches (rows end to end); auto: on with flash_attention_2
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # gradient checkpointing: less activation memory, one extra forward per step
-    dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy under torchrun (fsdp is not implemented yet)
+    dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy under torchrun: ddp (full replicas) | fsdp (FSDP2 sharding)
+    cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     cache_encoded: bool = True  # keep tokenised rows in memory after first use (off for mixtures larger than RAM)
     max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row (each one is skipped; 0 = never)
@@ -120,6 +122,26 @@ def token_loss_sum(model, batch):
     return loss, (targets != -100).sum()
 
 
+def pack(model, batch):
+    """A padding-free micro-batch: the rows of a right-padded batch laid end to end in one row of N
+    real tokens. Position ids restart at 0 with every row, which is how transformers tells the rows
+    apart: flash-attn 2 runs them as variable-length sequences (no compute on padding at all),
+    sdpa and eager build a block-diagonal causal mask. Qwen3-VL's position_ids are (4, 1, N): the
+    text positions, then each row's own M-RoPE (time, height, width) positions from get_rope_index.
+    In the loss, a row's last token "predicts" the next row's first token, whose label is -100 (it
+    opens the system turn), so nothing leaks between rows. use_cache=False: transformers looks for
+    packed rows only when no KV cache is passed."""
+    keep = batch["attention_mask"].bool()  # (B, T)
+    rope, _ = models.hf_model(model).model.get_rope_index(
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+        attention_mask=batch["attention_mask"])  # (3, B, T)
+    text = keep.long().cumsum(-1) - 1  # (B, T): 0, 1, 2, ... within each row
+    packed = {k: batch[k][keep][None] for k in ("input_ids", "labels", "mm_token_type_ids")}  # (1, N) each
+    packed["position_ids"] = torch.cat([text[None], rope])[:, keep][:, None]  # (4, 1, N)
+    packed.update({k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
+    return {**packed, "use_cache": False}
+
+
 @torch.no_grad()
 def evaluate(model, processor, val_rows, val_items, cfg, rank, world, device):
     """Validation loss on the teacher answers, plus greedy pass@1 accuracy and format-valid rate.
@@ -130,10 +152,11 @@ def evaluate(model, processor, val_rows, val_items, cfg, rank, world, device):
     model = models.unwrap(model)
     model.eval()
     loss_sum = torch.zeros(2)  # (summed token loss, token count)
-    for i in range(rank * cfg.eval_batch_size, len(val_items), world * cfg.eval_batch_size):
-        batch = data.collate_sft(val_items[i:i + cfg.eval_batch_size], processor.tokenizer.pad_token_id)
-        loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-        loss_sum += torch.stack([loss.cpu(), n.cpu().float()])
+    with models.gathered(model):  # FSDP: full weights, so uneven batch counts need no collectives
+        for i in range(rank * cfg.eval_batch_size, len(val_items), world * cfg.eval_batch_size):
+            batch = data.collate_sft(val_items[i:i + cfg.eval_batch_size], processor.tokenizer.pad_token_id)
+            loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+            loss_sum += torch.stack([loss.cpu(), n.cpu().float()])
     mine = val_rows[rank::world]
     responses = models.generate(model, processor, mine, cfg.max_new_tokens, cfg.eval_batch_size)
     rewards = [data.reward(r, row["ground_truth"]) for r, row in zip(responses, mine)]
@@ -172,7 +195,7 @@ def main(argv=None):
     val_items = [data.encode_sft({"messages": r["messages"] + [{"role": "assistant", "content": r["teacher_response"]}],
                                   "images": r["images"]}, processor) for r in val_rows]
     log(f"data: {len(rows)} training conversations, {len(val_rows)} validation prompts")
-    model = models.wrap_distributed(model, device, cfg.dist)
+    model = models.wrap_distributed(model, device, cfg.dist, cpu_offload=cfg.cpu_offload)
 
     # ---- optimizer: AdamW, no weight decay on norms and biases (1-D tensors)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -182,13 +205,14 @@ def main(argv=None):
     start_step, bad = 0, {"bad_steps": 0, "bad_streak": 0}  # steps skipped for NaN/Inf: in all, in a row
     if resume_from:
         state = common.load_trainer_state(resume_from, rank)
-        optimizer.load_state_dict(state["optimizer"])
+        models.load_optimizer_state(model, optimizer, state["optimizer"])
         start_step, bad["bad_steps"] = state["step"], state.get("bad_steps", 0)
 
     # ---- loop
     per_rank = cfg.batch_size // world
     micro = min(cfg.micro_batch_size, per_rank)
     pad_id = processor.tokenizer.pad_token_id
+    packing = cfg.pack == "on" or (cfg.pack == "auto" and cfg.attn == "flash_attention_2")
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
     info = common.run_info(cfg)
     from tqdm import tqdm
@@ -224,19 +248,24 @@ def main(argv=None):
         # number (see the module docstring). all_reduce: ranks hold different rows.
         n_tokens = common.all_reduce_sum(torch.tensor(sum(int((x["labels"][1:] != -100).sum()) for x in mine)))
         loss_total = 0.0
-        for j in range(0, len(mine), micro):
+        # under FSDP every rank must run as many micro-batches (rows over max_len make them differ):
+        # padding copies of the first one count 0 (models.even_split)
+        starts, real = models.even_split(list(range(0, len(mine), micro)))
+        for n_done, (j, keep) in enumerate(zip(starts, real), 1):
             batch = {k: v.to(device) for k, v in data.collate_sft(mine[j:j + micro], pad_id).items()}
-            last = j + micro >= len(mine)
+            if packing:
+                batch = pack(model, batch)
             # DDP all-reduces gradients in backward; skipping that on all but the last micro-batch
             # saves one collective per micro-batch and gives the same sum.
+            last = n_done == len(starts)
             sync = model.no_sync() if (world > 1 and not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with sync:
                 loss_sum, _ = token_loss_sum(model, batch)
-                # DDP averages gradients over ranks; multiplying by world turns that average back into
-                # the global sum / global token count.
-                (loss_sum * world / n_tokens).backward()
-            loss_total += loss_sum.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                # DDP and our FSDP setup average gradients over ranks; multiplying by world turns that
+                # average back into the global sum / global token count.
+                (loss_sum * (world if keep else 0) / n_tokens).backward()
+            loss_total += loss_sum.item() if keep else 0.0
+        grad_norm = common.clip_grad_norm(params, cfg.grad_clip)
         # the loss is the global token mean (all_reduce: each rank summed only its rows). It and the
         # (DDP-averaged) gradient norm are the same on every rank, so all ranks skip a NaN/Inf step together.
         loss = common.all_reduce_sum(torch.tensor(loss_total)) / n_tokens.clamp_min(1)
@@ -268,15 +297,15 @@ def main(argv=None):
         common.stop_if_diverged(bad, cfg.max_bad_steps, step + 1, cfg.out_dir)
         if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step) and not why:
             common.save_checkpoint(cfg.out_dir, step + 1, lambda path: models.save_pretrained(model, processor, path),
-                                   {"optimizer": optimizer.state_dict(), "step": step + 1,
+                                   {"optimizer": models.optimizer_state(model, optimizer), "step": step + 1,
                                     "bad_steps": bad["bad_steps"]}, info, rank)
         if cfg.stop_after and step + 1 >= cfg.stop_after:
             log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
             return
 
     # ---- save
+    log(f"saved {common.save_final(cfg.out_dir, lambda path: models.save_pretrained(model, processor, path), info)}")
     if master:
-        log(f"saved {common.save_final(cfg.out_dir, lambda path: models.save_pretrained(model, processor, path), info)}")
         # The held-out summary; the synthetic task's meta.json knows the text-only chance rate
         meta = os.path.join(os.path.dirname(cfg.val_data), "meta.json")
         chance = json.load(open(meta))["chance"]["overall"] if os.path.exists(meta) else None

@@ -57,7 +57,7 @@ def test_one_step_changes_policy_and_discriminator(dataset, tmp_path, monkeypatc
     for key in ("gap_cap", "gap_cot", "disc_acc_cap", "disc_acc_cot", "format_rate", "response_len",
                 "router_load_cap", "disc_loss", "grad_norm", "tokens_per_s", "peak_mem_mb"):
         assert key in m[1], key
-    assert len(m[1]["router_load_cap"]) == 4 and abs(sum(m[1]["router_load_cap"]) - 1) < 1e-3
+    assert len(m[1]["router_load_cap"]) == 4 and abs(sum(m[1]["router_load_cap"]) - 1) <= 2e-3  # 4 values rounded to 3 digits
     # the initial weights: the tiny policy as built, and a fresh discriminator on the same seed
     import discriminator
     torch.manual_seed(0)
