@@ -33,11 +33,10 @@ Where we differ from the paper (official runs: REFERENCE 5):
 Run it (after sft.py and `python discriminator.py warmup`):
   CPU, embedded tiny models (200 steps: 9.5 min measured with 3 jobs sharing 2 cores; 150 in 2.6 min alone):
       python align.py --model runs/sft/final --disc runs/disc_warmup/final
-  one GPU, QLoRA policy, a warmed-up Qwen3-VL-2B discriminator:
-      python align.py --model Qwen3-VL-4B --qlora --grad_ckpt --disc runs/disc_warmup/final \\
-          --data align.parquet --lr 1e-6 --disc_lr 1e-6 --group_size 16 --max_new_tokens 6144
-  one node, 8 processes:
-      torchrun --nproc_per_node=8 align.py --model Qwen3-VL-4B --disc runs/disc_warmup/final --data align.parquet ...
+  a 4B policy with a Qwen3-VL-2B discriminator does not fit one 80 GB GPU (README, Scaling: the
+  discriminator keeps its graph for every segment it scores in a step); one node, 8 processes, FSDP2:
+      torchrun --nproc_per_node=8 align.py --model runs/sft/final --disc runs/disc_warmup/final --dist fsdp \\
+          --grad_ckpt --data align.parquet --lr 1e-6 --disc_lr 1e-6 --prompts_per_step 8 --group_size 4 ...
 The result is out_dir/final (the policy, for rlvr.py --model) and out_dir/final/discriminator.
 """
 import math

@@ -353,7 +353,17 @@ def _teacher(row, require):
     if require and not parse_response(response)["valid"]:  # it could not be split for scoring
         raise ValueError("teacher reference has an invalid format "
                          "(need <caption>..</caption><think>..</think><answer>..</answer>)")
+    if require:
+        _check_segments(caption, cot, "teacher")
     return response, caption, cot
+
+
+def _check_segments(caption, cot, side):
+    """The two scored segments must carry their tags, as the policy's do (data.split_segments): an
+    untagged teacher segment would let the discriminator tell the sides apart by the tags alone."""
+    if not parse_response(caption.strip() + "\n" + cot.strip())["valid"]:
+        raise ValueError(f"{side}_caption / {side}_cot are not <caption>..</caption> and "
+                         "<think>..</think><answer>..</answer> (tags included)")
 
 
 def load_prompts(path, require_teacher=False, skip_bad_rows=False, log=print):
@@ -380,7 +390,7 @@ def load_prompts(path, require_teacher=False, skip_bad_rows=False, log=print):
         if isinstance(extra, str):  # some exports store it as a JSON string
             try:
                 extra = json.loads(extra)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested thousands deep
                 raise ValueError("extra_info is a string but not valid JSON") from None
         if not isinstance(extra if extra is not None else {}, dict):
             raise ValueError("extra_info is not an object")
@@ -407,7 +417,13 @@ def load_pairs(path, base_dir=None, skip_bad_rows=False, log=print):
                 raise ValueError(f"missing or empty {k!r}")
         if row.get("image") is None:
             raise ValueError("missing 'image'")
-        return {**out, "image": _checked_image(row["image"], base_dir)}
+        image = _checked_image(row["image"], base_dir)
+        for side in ("teacher", "student"):
+            _check_segments(out[f"{side}_caption"], out[f"{side}_cot"], side)
+        # the prompt is plain text: discriminator.pair_prompt adds the one image's placeholder, so
+        # one already written here would make two placeholders for one image
+        out["prompt"] = out["prompt"].replace("<image>", "").strip()
+        return {**out, "image": image}
 
     return _load(path, convert, skip_bad_rows, log)
 

@@ -155,7 +155,12 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
     spec = PRESETS[preset]
     key = hashlib.sha256(json.dumps([spec, seed, image_size, BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"{preset}-seed{seed}-{key}")
-    if os.path.exists(os.path.join(path, "config.json")):
+    # Under torchrun rank 0 builds and the others wait: transformers' save_pretrained writes nothing
+    # on a rank other than 0 once torch.distributed is initialised, so their folders would lack the
+    # weights. Every rank calls this function at the same point (load_model), so the barrier pairs up.
+    from common import barrier, get_rank
+    if get_rank() != 0 or os.path.exists(os.path.join(path, "model.safetensors")):
+        barrier()
         return path
 
     # The chat roles and the system prompt (which opens every prompt) are weighted up in the corpus
@@ -199,11 +204,12 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
     try:
         os.replace(tmp, path)  # atomic: a half-built folder is never picked up as the cache
     except OSError:
-        # Under torchrun every rank builds on a cold cache; the first rename wins and the others'
-        # identical builds (same seed, same recipe) are thrown away.
-        if not os.path.exists(os.path.join(path, "config.json")):
+        # Separate processes (parallel test runs, several jobs) may build on a cold cache at once;
+        # the first rename wins and the others' identical builds (same seed, same recipe) are dropped.
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
     return path
 
 

@@ -32,8 +32,8 @@ Run it:
   one GPU, QLoRA on a real model:
       python rlvr.py --model Qwen3-VL-4B --qlora --grad_ckpt --data rl.parquet --val_data val.parquet \\
           --lr 1e-6 --prompts_per_step 32 --group_size 16 --max_new_tokens 8192 --token_budget 32768
-  one node, 8 processes (each rank samples prompts_per_step / 8 prompts):
-      torchrun --nproc_per_node=8 rlvr.py --model runs/align/final --algo dapo --data rl.parquet ...
+  one node, 8 processes, FSDP2 (each rank samples prompts_per_step / 8 prompts):
+      torchrun --nproc_per_node=8 rlvr.py --model runs/align/final --dist fsdp --algo dapo --data rl.parquet ...
 The result is out_dir/final, a Hugging Face folder.
 """
 import json

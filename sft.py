@@ -24,8 +24,8 @@ Run it:
   one GPU, QLoRA on a real model and the official sharegpt files:
       python sft.py --model Qwen3-VL-4B --qlora --grad_ckpt --data sft_mix.json --val_data val.parquet \\
           --lr 1e-5 --batch_size 32 --micro_batch_size 2 --steps 2000 --max_len 8192
-  one node, 8 processes (data parallel):
-      torchrun --nproc_per_node=8 sft.py --model Qwen3-VL-4B --data sft_mix.json --lr 1e-5 ...
+  one node, 8 processes (FSDP2: weights, gradients and AdamW states sharded; --dist ddp replicates):
+      torchrun --nproc_per_node=8 sft.py --model Qwen3-VL-4B --dist fsdp --data sft_mix.json --lr 1e-5 ...
 The result is out_dir/final (a Hugging Face folder) for align.py / rlvr.py --model.
 """
 import contextlib

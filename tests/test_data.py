@@ -267,8 +267,8 @@ PROMPT_GOOD = {"data_source": "toy", "ability": "math",
                "teacher_response": "<caption>- red square</caption><think>count</think>\n"
                                    "<answer>3</answer>"}
 PAIR_GOOD = {"prompt": "How many?", "image": "images/red.png",
-             "teacher_caption": "<caption>t</caption>", "teacher_cot": "<think>t</think>",
-             "student_caption": "<caption>s</caption>", "student_cot": "<think>s</think>"}
+             "teacher_caption": "<caption>t</caption>", "teacher_cot": "<think>t</think><answer>1</answer>",
+             "student_caption": "<caption>s</caption>", "student_cot": "<think>s</think><answer>2</answer>"}
 
 
 # ---- loaders: good files ----
@@ -332,7 +332,7 @@ def test_load_pairs_with_base_dir(folder, tmp_path_factory):
     path = write(other / "pairs.jsonl", [{**PAIR_GOOD, "prompt": None, "question": "Q?"}])
     [row] = load_pairs(path, base_dir=str(folder))
     assert row["prompt"] == "Q?" and row["image"] == str(folder / "images" / "red.png")
-    assert row["student_cot"] == "<think>s</think>" and row["source"] == f"{path} row 1"
+    assert row["student_cot"] == "<think>s</think><answer>2</answer>" and row["source"] == f"{path} row 1"
 
 
 def test_resolve_image(folder):

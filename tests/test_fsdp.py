@@ -31,10 +31,10 @@ def dataset(tmp_path_factory):
     return out
 
 
-def torchrun(*argv, timeout=240):
+def torchrun(*argv, timeout=240, env=None):
     p = subprocess.run(["timeout", str(timeout), sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", *argv], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -183,3 +183,18 @@ def test_gathered_checkpoint_reloads_single_process_with_the_sharded_logits(data
     with torch.no_grad():
         plain = AutoModelForImageTextToText.from_pretrained(out)(**enc).logits
     torch.testing.assert_close(plain, sharded, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cold_cache_is_built_once_under_torchrun(tmp_path):
+    """transformers' save_pretrained writes nothing on ranks other than 0 once torch.distributed is
+    up; a rank-1 build that won the rename left a cache folder without weights, which broke every
+    later run. Now rank 0 builds and the others wait."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import sys, torch\nsys.path.insert(0, {ROOT!r})\nimport common, model as models\n"
+                      "rank, _, world, device = common.init_distributed()\n"
+                      "m, _, path = models.load_model('tiny', device)\ncommon.finish()\n")
+    cache = tmp_path / "cache"
+    torchrun(str(driver), env={"NANOPRISM_CACHE": str(cache)})
+    built = os.listdir(cache)
+    assert len(built) == 1 and built[0].startswith("tiny-")  # no .tmp folder left behind
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(cache / built[0]))
