@@ -33,10 +33,12 @@ Where we differ from the paper (official runs: REFERENCE 5):
 Run it (after sft.py and `python discriminator.py warmup`):
   CPU, embedded tiny models (200 steps: 9.5 min measured with 3 jobs sharing 2 cores; 150 in 2.6 min alone):
       python align.py --model runs/sft/final --disc runs/disc_warmup/final
-  a 4B policy with a Qwen3-VL-2B discriminator does not fit one 80 GB GPU (README, Scaling: the
-  discriminator keeps its graph for every segment it scores in a step); one node, 8 processes, FSDP2:
+  one 80 GB GPU, a LoRA 4B policy and a warmed-up Qwen3-VL-2B discriminator (README, Scaling):
+      python align.py --model runs/sft/final --lora --grad_ckpt --disc runs/disc_warmup/final \\
+          --disc_chunk 1 --disc_grad_ckpt --data align.parquet --lr 1e-6 --disc_lr 1e-6 --group_size 16 ...
+  one node, 8 processes, FSDP2 (both models sharded):
       torchrun --nproc_per_node=8 align.py --model runs/sft/final --disc runs/disc_warmup/final --dist fsdp \\
-          --grad_ckpt --data align.parquet --lr 1e-6 --disc_lr 1e-6 --prompts_per_step 8 --group_size 4 ...
+          --grad_ckpt --disc_chunk 1 --disc_grad_ckpt --prompts_per_step 8 --group_size 16 ...
 The result is out_dir/final (the policy, for rlvr.py --model) and out_dir/final/discriminator.
 """
 import math
@@ -87,6 +89,8 @@ class Config:
     mini_batches: int = 1  # policy optimizer steps per pass
     token_budget: int = 32768  # padded tokens per forward (micro-batch size), also caps rollout chunks
     disc_micro_batch: int = 64  # sequences per discriminator forward
+    disc_chunk: int = 0  # prompts whose discriminator graphs are alive at once in D's update (0 = all; real models: 1)
+    disc_grad_ckpt: bool = False  # discriminator gradient checkpointing (real models: on; README, Scaling)
     eval_every: int = 50  # held-out evaluation every this many steps (and at the end; 0 = end only)
     eval_rows: int = 200  # held-out prompts per evaluation (0 = no held-out evaluation at all)
     eval_batch_size: int = 64  # prompts per generate call in evaluation
@@ -141,6 +145,8 @@ def main(argv=None):
     else:
         log(f"discriminator: none warmed up, building a fresh {cfg.disc_kind} one on {disc_path}")
         disc, disc_processor = discriminator.build(disc_path, device, kind=cfg.disc_kind, seed=cfg.seed, dtype=disc_dtype)
+    if cfg.disc_grad_ckpt:
+        discriminator.gradient_checkpointing(disc)
     d_total, d_trainable = models.count_params(disc)
     log(f"discriminator: {disc.cfg['kind']}, {disc.cfg['n_experts']} experts ({d_total / 1e6:.2f}M parameters, "
         f"{d_trainable / 1e6:.2f}M trainable)")
@@ -175,41 +181,64 @@ def main(argv=None):
         valid = torch.tensor([c is not None for c, _ in split])
         return valid, [c or "" for c, _ in split], [k or "" for _, k in split]
 
-    def score_all(r, valid, caps, cots):
-        """D's scores (with gradients when enabled): teacher (B,) for each prompt, students (BN,)
-        for the rollouts, 0 where invalid. One score() call per segment kind."""
-        v = torch.nonzero(valid).squeeze(-1).tolist()
+    def score_all(r, valid, caps, cots, any_valid, train):
+        """D's scores of the step's rollouts, before any update -> dict: t[which] (B,) the teacher
+        score of each prompt, s[which] (BN,) each rollout's (0 where invalid; they are never scored),
+        load[which] the router load, nonfinite (raw NaN/Inf scores), loss; which = "cap" | "cot".
+
+        With train, the same forward also gives D's loss and its gradient (the first update below
+        would recompute exactly these scores). The gradient is accumulated --disc_chunk prompts at a
+        time (0: all at once): each chunk's backward frees its graph, so only one chunk's
+        activations are alive, which is what makes real-model settings fit (README, Scaling). The
+        chunks' losses add up to the batch's (disc_loss's n_valid / n_rows), and the scores are all
+        pre-update: D's optimizer steps only after the last chunk."""
         # each prompt's image is read from disk once, not once per scored segment (score() takes PIL images)
         opened = [{**row, "images": [data.open_image(x) for x in row["images"]]} for row in r.rows]
-        prompts = opened + [opened[r.group[i]] for i in v]
-        out = {}
-        for which, teacher_key, student in (("cap", "teacher_caption", caps), ("cot", "teacher_cot", cots)):
-            texts = [row[teacher_key] for row in r.rows] + [student[i] for i in v]
-            scores, aux = discriminator.score(disc, disc_processor, prompts, texts, which, cfg.disc_micro_batch)
-            s = scores.new_zeros(len(r))  # (BN,): invalid rollouts are not scored
-            s[v] = scores[len(r.rows):]
-            out[which] = (scores[:len(r.rows)], s, aux, disc.stats["load"])
-            out["nonfinite"] = out.get("nonfinite", 0) + disc.stats["nonfinite"]  # raw NaN/Inf scores
+        B = len(r.rows)
+        size = cfg.disc_chunk if cfg.disc_chunk and any_valid else B  # the fallback needs the whole batch
+        out = {"t": {w: torch.zeros(B) for w in ("cap", "cot")}, "s": {w: torch.zeros(len(r)) for w in ("cap", "cot")},
+               "load": {"cap": [], "cot": []}, "nonfinite": 0, "loss": 0.0}
+        with torch.enable_grad() if train else torch.no_grad():
+            for c in range(0, B, size):  # every rank holds B = prompts_per_step / world: same chunk count
+                prompts = list(range(c, min(c + size, B)))
+                mine = torch.nonzero((r.group >= c) & (r.group < c + size)).squeeze(-1)  # this chunk's rollouts
+                v = mine[valid[mine]].tolist()  # ... the valid ones, the only ones scored
+                scored = {}
+                for which, teacher_key, student in (("cap", "teacher_caption", caps), ("cot", "teacher_cot", cots)):
+                    texts = [r.rows[p][teacher_key] for p in prompts] + [student[i] for i in v]
+                    rows = [opened[p] for p in prompts] + [opened[r.group[i]] for i in v]
+                    scores, aux = discriminator.score(disc, disc_processor, rows, texts, which, cfg.disc_micro_batch)
+                    s = scores.new_zeros(len(mine))  # (rollouts of the chunk,)
+                    s[valid[mine]] = scores[len(prompts):]
+                    scored[which] = (scores[:len(prompts)], s, aux)
+                    out["t"][which][prompts] = scores[:len(prompts)].detach().cpu()
+                    out["s"][which][mine] = s.detach().cpu()
+                    out["load"][which].append(disc.stats["load"])
+                    out["nonfinite"] += disc.stats["nonfinite"]
+                if train:
+                    (t_cap, s_cap, aux_cap), (t_cot, s_cot, aux_cot) = scored["cap"], scored["cot"]
+                    g = (r.group[mine] - c).to(t_cap.device)  # each rollout's prompt within the chunk
+                    loss, _ = rl_losses.disc_loss(t_cap[g], t_cot[g], s_cap, s_cot, valid[mine].to(t_cap.device),
+                                                  cfg.score_reg, cfg.fallback, any_valid,
+                                                  n_valid=int(valid.sum()), n_rows=len(r))
+                    # the load-balancing term is a mean over chunks
+                    (loss + cfg.aux_coef * (aux_cap + aux_cot) / 2 * len(prompts) / B).backward()
+                    out["loss"] += loss.item()
+        out["load"] = {w: torch.tensor(x).mean(0).tolist() for w, x in out["load"].items()}
         return out
 
-    def disc_update(r, valid, caps, cots, any_valid, sc=None):
-        """Bradley-Terry on this batch: each valid rollout against its prompt's teacher reference.
-        sc: scores already computed with gradients (the first update reuses step 2's forward)."""
-        sc = sc or score_all(r, valid, caps, cots)
-        (t_cap, s_cap, aux_cap, _), (t_cot, s_cot, aux_cot, _) = sc["cap"], sc["cot"]
-        g = r.group.to(t_cap.device)
-        loss, m = rl_losses.disc_loss(t_cap[g], t_cot[g], s_cap, s_cot, valid.to(t_cap.device), cfg.score_reg,
-                                      cfg.fallback, any_valid)
-        (loss + cfg.aux_coef * (aux_cap + aux_cot) / 2).backward()
+    def disc_step(loss):
+        """D's optimizer step from the gradient score_all accumulated (Bradley-Terry on this batch: each
+        valid rollout against its prompt's teacher reference)."""
         # D is not DDP-wrapped either; average its gradients over ranks (each scored different rollouts)
         common.all_reduce_grads(disc_params, average=True)
         grad_norm = common.clip_grad_norm(disc_params, cfg.grad_clip)
         # a NaN/Inf loss (per rank: any_rank) or gradient norm (global) skips the step on every rank
-        skipped = common.any_rank(not math.isfinite(loss.item())) or not torch.isfinite(grad_norm)
+        skipped = common.any_rank(not math.isfinite(loss)) or not torch.isfinite(grad_norm)
         if not skipped:
             disc_optimizer.step()
         disc_optimizer.zero_grad(set_to_none=True)
-        return {"disc_loss": loss.item(), "disc_grad_norm": grad_norm.item(), "skipped": skipped, **m}
+        return {"disc_loss": loss, "disc_grad_norm": grad_norm.item(), "skipped": skipped}
 
     # ----------------------------------------------------------------------------- loop
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
@@ -238,13 +267,13 @@ def main(argv=None):
         any_valid = common.all_reduce_sum(torch.tensor(float(valid.sum()))).item() > 0
 
         # ---- 2. score with D before its update. One forward with gradients serves both the
-        # advantages (detached values) and D's first update below, which would recompute exactly these.
-        sc = score_all(r, valid, caps, cots)
-        (t_cap, s_cap, _, load_cap), (t_cot, s_cot, _, load_cot) = sc["cap"], sc["cot"]
-        t_cap, s_cap, t_cot, s_cot = (x.detach() for x in (t_cap, s_cap, t_cot, s_cot))
+        # advantages (detached values) and D's first update below (its gradient is accumulated now).
+        sc = score_all(r, valid, caps, cots, any_valid, train=cfg.disc_steps > 0)
+        t_cap, s_cap, t_cot, s_cot = sc["t"]["cap"], sc["s"]["cap"], sc["t"]["cot"], sc["s"]["cot"]
+        load_cap, load_cot = sc["load"]["cap"], sc["load"]["cot"]
 
         # ---- 3. advantage
-        advantages = rl_losses.prism_advantages(s_cap.cpu(), s_cot.cpu(), valid, r.group, cfg.alpha, cfg.format_penalty)
+        advantages = rl_losses.prism_advantages(s_cap, s_cot, valid, r.group, cfg.alpha, cfg.format_penalty)
 
         # NaN/Inf raw scores (guard() set them to 0, so the advantages look fine) or advantages on any
         # rank: neither model is updated this step. any_rank: every rank skips the same collectives.
@@ -255,10 +284,12 @@ def main(argv=None):
 
         # ---- 4. discriminator update(s) on the same batch; a NaN/Inf D step also skips the policy's
         for k in range(0 if skip else cfg.disc_steps):
-            d_stats = disc_update(r, valid, caps, cots, any_valid, sc if k == 0 else None)
+            loss = sc["loss"] if k == 0 else score_all(r, valid, caps, cots, any_valid, train=True)["loss"]
+            d_stats = disc_step(loss)
             if d_stats["skipped"]:
                 skip, why = True, "discriminator loss or gradients"
                 break
+        disc_optimizer.zero_grad(set_to_none=True)  # a skipped step leaves score_all's gradient behind
 
         # ---- 5. policy update
         if not skip:

@@ -53,7 +53,7 @@ Commands:
   CPU, tiny backbone, pairs sampled from the SFT policy (3 epochs: about 2 min alone, 3.5 min shared):
       python discriminator.py warmup --policy runs/sft/final --out_dir runs/disc_warmup --epochs 3
   official pairs file, real backbone, one GPU:
-      python discriminator.py warmup --pairs warmup.jsonl --backbone Qwen3-VL-2B --lr 1e-5 --batch_size 16
+      python discriminator.py warmup --pairs warmup.jsonl --backbone Qwen3-VL-2B --lr 1e-5 --batch_size 4 --grad_ckpt
 In code: build, score, save, load, param_groups (used by align.py).
 """
 import copy
@@ -97,9 +97,11 @@ def load_balancing_loss(probs, chosen, n_experts):
 class MoEMLP(nn.Module):
     """E copies of a dense MLP behind a top-k router (sparse upcycling, arXiv 2212.05055).
 
-    Before each forward the Discriminator sets `token_mask` (B, T) bool, the non-pad tokens the aux
-    loss counts, and `allowed` (B, T, E) bool or None, the experts each token may pick (segment
-    routing). After it, `aux`, `load` and `chosen` (B, T, k) describe the routing just done."""
+    Before each forward the Discriminator sets `allowed` (B, T, E) bool or None, the experts each
+    token may pick (segment routing). After it, `probs` (B*T, E) and `chosen` (B, T, k) describe the
+    routing just done; balance(mask) turns them into the load-balancing loss and the load. Nothing
+    else is read from outside the forward, so gradient checkpointing may recompute it later (the
+    recomputation overwrites probs/chosen, which were used by then)."""
 
     def __init__(self, dense, n_experts, top_k, noise):
         super().__init__()
@@ -111,7 +113,7 @@ class MoEMLP(nn.Module):
         self.router = nn.Linear(weight.shape[1], n_experts, bias=False, device=weight.device, dtype=weight.dtype)
         nn.init.normal_(self.router.weight, std=0.02)
         self.top_k = top_k
-        self.token_mask = self.allowed = self.aux = self.load = self.chosen = None
+        self.allowed = self.probs = self.chosen = None
 
     def forward(self, x):  # (B, T, H)
         B, T, H = x.shape
@@ -129,10 +131,14 @@ class MoEMLP(nn.Module):
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)  # tokens that picked e, and in which slot
             out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
-        valid = self.token_mask.reshape(-1) if self.token_mask is not None else torch.ones_like(chosen[:, 0], dtype=torch.bool)
-        self.aux, self.load = load_balancing_loss(probs[valid], chosen[valid], E)
-        self.chosen = chosen.reshape(B, T, -1).detach()
+        self.probs, self.chosen = probs, chosen.reshape(B, T, -1).detach()
         return out.reshape(B, T, H)
+
+    def balance(self, token_mask=None):
+        """(aux, load (E,)) of the last forward over the tokens of token_mask (B, T) bool (the non-pad
+        ones; None = all): load_balancing_loss, with gradient through the router."""
+        valid = token_mask.reshape(-1) if token_mask is not None else slice(None)
+        return load_balancing_loss(self.probs[valid], self.chosen.reshape(-1, self.top_k)[valid], len(self.experts))
 
 
 def upcycle(language_model, n_experts, top_k, noise):
@@ -179,14 +185,16 @@ class Discriminator(nn.Module):
             group = group if which == "cap" else ~group
             allowed = torch.where(in_segment[..., None], group, True)  # (B, T, E); prompt tokens: all
         for m in self.moe_layers():
-            m.token_mask, m.allowed = mask, allowed
+            m.allowed = allowed
         inputs = {k: v for k, v in batch.items() if k != "segment_start"}
         hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H), after the final norm
         # The last 1 in the mask, not sum-1: right for any padding side, and padding never moves it.
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
         raw = self.value_head(hidden[torch.arange(len(last)), last].float()).squeeze(-1)  # (B,)
         moes = self.moe_layers()
-        aux = torch.stack([m.aux for m in moes]).mean() if moes else raw.new_zeros(())
+        balance = [m.balance(mask) for m in moes]  # (aux, load) per layer, over non-pad tokens
+        self.loads = [load for _, load in balance]  # score() reports their mean
+        aux = torch.stack([a for a, _ in balance]).mean() if moes else raw.new_zeros(())
         self.nonfinite = (~torch.isfinite(raw.detach())).sum()  # guard() hides them; score() counts them
         return guard(raw), aux
 
@@ -213,6 +221,16 @@ def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noi
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return Discriminator(vlm.model, cfg), processor
+
+
+def gradient_checkpointing(disc):
+    """Recompute each decoder layer and vision block in backward instead of keeping its activations
+    (README, Scaling: ~35x less activation memory per token, for one more forward). Segment routing
+    hands each forward its expert mask from outside the layer's inputs, which a recomputation could
+    find changed by a later forward, so it is refused there."""
+    if disc.cfg["routing"] == "segment":
+        raise SystemExit("error: discriminator gradient checkpointing does not support --routing segment")
+    disc.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def param_groups(disc, weight_decay=0.01):
@@ -336,7 +354,7 @@ def score(disc, processor, prompts, segments, which, micro_batch=16):
             continue
         scores.append(s)
         auxes.append(aux)
-        loads += [m.load for m in inner.moe_layers()]
+        loads += inner.loads
         truncated += cut
         nonfinite += inner.nonfinite
     inner.stats = {"load": torch.stack(loads).mean(0).tolist() if loads else [1.0], "truncated": truncated,
@@ -386,6 +404,7 @@ class WarmupConfig:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     threads: int = 0  # CPU threads for torch (0 = torch's default)
+    grad_ckpt: bool = False  # gradient checkpointing (real backbones: README, Scaling)
 
 
 def build_pairs(cfg, device, log):
@@ -485,6 +504,8 @@ def warmup(argv):
                                 max_segment_tokens=cfg.max_segment_tokens, dtype=cfg.dtype, attn=cfg.attn, seed=cfg.seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if cfg.grad_ckpt:
+        gradient_checkpointing(disc)
     total, trainable = models.count_params(disc)
     print(f"discriminator: {cfg.kind} ({cfg.experts if cfg.kind != 'dense' else 1} experts, {cfg.routing} routing) "
           f"on {cfg.backbone}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")

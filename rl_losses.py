@@ -307,20 +307,21 @@ def policy_loss(logp, old_logp, advantages, mask, algo, **overrides):
 # Discriminator (PRISM alignment stage)
 
 
-def bt_loss(teacher_scores, student_scores, valid):
+def bt_loss(teacher_scores, student_scores, valid, n_valid=None):
     """Bradley-Terry loss, the teacher should outscore the student (arXiv 2604.28123):
 
         L = mean_{i valid} -log sigmoid(t_i - s_i)        (F.logsigmoid: stable for any gap)
 
     teacher_scores, student_scores (B,); valid (B,) bool. No valid row -> 0, still attached to the
     graph; REFERENCE's all-invalid fallback is a different loss and lives in disc_loss. Invalid rows
-    are excluded with where(), so whatever score they carry cannot leak into the loss."""
+    are excluded with where(), so whatever score they carry cannot leak into the loss. n_valid: the
+    mean's denominator when these rows are one chunk of a larger batch (default: their own count)."""
     v = valid.bool()
     per_row = torch.where(v, -F.logsigmoid(teacher_scores - student_scores), 0.0)  # (B,)
-    return per_row.sum() / max(int(v.sum()), 1)
+    return per_row.sum() / max(int(v.sum()) if n_valid is None else n_valid, 1)
 
 
-def disc_loss(t_cap, t_cot, s_cap, s_cot, valid, reg=1e-3, fallback=0.01, any_valid=None):
+def disc_loss(t_cap, t_cot, s_cap, s_cot, valid, reg=1e-3, fallback=0.01, any_valid=None, n_valid=None, n_rows=None):
     """PRISM discriminator loss (arXiv 2604.28123; REFERENCE s.3) -> (loss, metrics).
 
         L_D = BT(t_cap, s_cap) + BT(t_cot, s_cot)                   over format-valid rollouts
@@ -333,14 +334,18 @@ def disc_loss(t_cap, t_cot, s_cap, s_cot, valid, reg=1e-3, fallback=0.01, any_va
     loss, so it carries no reg term. It keeps the teacher scores moving up (and D's graph alive for
     DDP) when every rollout broke the format. any_valid is a python bool the caller computes across
     ranks (one all-reduce); None = valid.any() of this batch. BT means are per rank.
+    Chunks: with n_valid / n_rows (the whole batch's valid-row and row counts) the BT and regulariser
+    means divide by those, so the losses of chunks of the batch add up to the batch's loss (not for
+    the fallback, whose mean sits inside a log-sigmoid: give it the whole batch).
     All inputs (B,); valid (B,) bool. metrics (floats, 0 when nothing is valid): acc_cap/acc_cot =
     fraction of valid rows with t > s, gap_cap/gap_cot = mean of t - s over valid rows."""
     v = valid.bool()
     if any_valid is None:
         any_valid = bool(v.any())
     if any_valid:
-        loss = bt_loss(t_cap, s_cap, v) + bt_loss(t_cot, s_cot, v)
-        loss = loss + reg * (s_cap ** 2 + s_cot ** 2 + t_cap ** 2 + t_cot ** 2).mean() / 4
+        loss = bt_loss(t_cap, s_cap, v, n_valid) + bt_loss(t_cot, s_cot, v, n_valid)
+        squares = (s_cap ** 2 + s_cot ** 2 + t_cap ** 2 + t_cot ** 2).sum()
+        loss = loss + reg * squares / (len(v) if n_rows is None else n_rows) / 4
     else:
         loss = fallback * (-F.logsigmoid(t_cap.mean()) - F.logsigmoid(t_cot.mean()))
     n = max(int(v.sum()), 1)

@@ -107,16 +107,18 @@ def test_moe_layer_aux_loss_and_padding_mask():
     with torch.no_grad():
         moe.router.weight.zero_()
         moe(x)
-        assert moe.aux.item() == pytest.approx(1.0)
+        assert moe.balance()[0].item() == pytest.approx(1.0)
         moe.router.weight[0] = 100.0
         moe(x)
-        assert moe.aux.item() == pytest.approx(2.0)  # E / k
-        assert moe.load.tolist()[0] == pytest.approx(0.5)
+        aux, load = moe.balance()
+        assert aux.item() == pytest.approx(2.0)  # E / k
+        assert load.tolist()[0] == pytest.approx(0.5)
         # padding tokens are left out of the loss: route the pad positions elsewhere, nothing changes
-        moe.token_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+        token_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
         x[0, 3:] = -x[0, 3:]  # these now prefer other experts, but they are padding
         moe(x)
-        assert moe.aux.item() == pytest.approx(2.0)
+        assert moe.balance(token_mask)[0].item() == pytest.approx(2.0)
+        assert moe.balance()[0].item() != pytest.approx(2.0)
         assert moe.chosen.shape == (2, 5, 2)
 
 
@@ -222,9 +224,9 @@ def test_warmup_builds_official_pairs_and_a_loadable_discriminator(dataset, rows
     loaded, _ = D.load(str(out / "final"))
     assert loaded.cfg["kind"] == "moe" and loaded.cfg["n_experts"] == 4
 
-    # the same pairs file through the command line, official-file path
+    # the same pairs file through the command line, official-file path, checkpointed as on a real backbone
     p = run_cli("warmup", "--pairs", str(out / "warmup_pairs.jsonl"), "--out_dir", str(tmp_path / "cli"),
-                "--steps", "1", "--batch_size", "2", "--val_pairs", "0", "--kind", "dense")
+                "--steps", "1", "--batch_size", "2", "--val_pairs", "0", "--kind", "dense", "--grad_ckpt")
     assert p.returncode == 0, p.stderr[-2000:]
     assert D.load(str(tmp_path / "cli" / "final"))[0].cfg["kind"] == "dense"
 
@@ -241,3 +243,26 @@ def test_warmup_cli_reports_bad_input_in_one_line(dataset, tmp_path):
                 "--max_new_tokens", "8", "--out_dir", str(tmp_path / "out"))
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "none of the 8 student answers" in p.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(rows):
+    """Scores and every gradient of a two-micro-batch, two-segment loss equal with and without
+    checkpointing: the recomputation sees exactly the routing the forward used."""
+    def grads(ckpt):
+        d, processor = D.build("tiny", seed=0)
+        if ckpt:
+            D.gradient_checkpointing(d)
+        d.train()
+        caps, aux1 = D.score(d, processor, rows[:3], [r["teacher_caption"] for r in rows[:3]], "cap", micro_batch=2)
+        cots, aux2 = D.score(d, processor, rows[:3], [r["teacher_cot"] for r in rows[:3]], "cot", micro_batch=2)
+        (caps.sum() - 2 * cots.sum() + aux1 + aux2).backward()
+        return torch.cat([caps, cots]).detach(), {n: p.grad for n, p in d.named_parameters() if p.grad is not None}
+    plain_scores, plain = grads(False)
+    ckpt_scores, ckpt = grads(True)
+    torch.testing.assert_close(ckpt_scores, plain_scores)
+    assert plain.keys() == ckpt.keys() and len(plain) > 20
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5, msg=n)
+    seg, _ = D.build("tiny", routing="segment")
+    with pytest.raises(SystemExit, match="segment"):
+        D.gradient_checkpointing(seg)

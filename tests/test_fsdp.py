@@ -128,11 +128,13 @@ def test_rlvr_fsdp_cpu_offload_and_grad_ckpt_change_nothing(dataset, tmp_path):
 def test_align_fsdp_matches_ddp_and_resumes_bitwise(dataset, tmp_path):
     """Both models sharded: the policy's gradients summed, the discriminator's averaged, both
     optimizers' states gathered into the checkpoint and re-sharded on resume."""
-    torchrun(*rl_args(dataset, tmp_path / "ddp", "align", "--disc", "tiny", "--dist", "ddp"))
-    torchrun(*rl_args(dataset, tmp_path / "fsdp", "align", "--disc", "tiny", "--dist", "fsdp"))
-    torchrun(*rl_args(dataset, tmp_path / "killed", "align", "--disc", "tiny", "--dist", "fsdp", "--save_every", "1",
+    # 2 prompts per rank, D's update one prompt at a time (--disc_chunk 1): two backwards per step
+    extra = ["--disc", "tiny", "--prompts_per_step", "4", "--disc_chunk", "1"]
+    torchrun(*rl_args(dataset, tmp_path / "ddp", "align", *extra, "--dist", "ddp"))
+    torchrun(*rl_args(dataset, tmp_path / "fsdp", "align", *extra, "--dist", "fsdp"))
+    torchrun(*rl_args(dataset, tmp_path / "killed", "align", *extra, "--dist", "fsdp", "--save_every", "1",
                       "--stop_after", "1"))
-    torchrun(*rl_args(dataset, tmp_path / "killed", "align", "--disc", "tiny", "--dist", "fsdp", "--save_every", "1",
+    torchrun(*rl_args(dataset, tmp_path / "killed", "align", *extra, "--dist", "fsdp", "--save_every", "1",
                       "--resume"))
     ddp, fsdp = metrics(tmp_path / "ddp"), metrics(tmp_path / "fsdp")
     assert fsdp[1]["grad_norm"] > 0 and fsdp[1]["disc_grad_norm"] > 0
