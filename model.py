@@ -12,6 +12,9 @@ can run on.
 Options: full fine-tune, --lora (peft LoRA on the language model), --qlora (bitsandbytes nf4 base +
 LoRA), --attn sdpa|eager|flash_attention_2, gradient checkpointing, bf16 where the device supports
 it (else fp32). The vision tower and its projector (the "merger") are frozen unless asked otherwise.
+Data parallelism: wrap_distributed (DDP, or FSDP2 with `gathered` for generation and
+full_state_dict / optimizer_state for checkpoints). Adapters: `python model.py merge --adapter A
+--out B` folds a LoRA / QLoRA adapter into a full checkpoint (merge_adapter, at the end).
 
 Facts this file relies on (measured, see ../shared/MEASURED.md):
 - torchvision from PyPI does not import beside torch 2.13, and without it the stock Qwen3VLProcessor
