@@ -135,8 +135,7 @@ def main(argv=None):
     # ---- models: the policy, and the discriminator (warmed up, or fresh from a backbone)
     model, processor, resume_from = models.load_policy(cfg, device, log)
     disc_path = os.path.join(resume_from, "discriminator") if resume_from else cfg.disc
-    # under FSDP: fp32 shards, bf16 compute on CUDA (as models.load_policy)
-    disc_dtype = "fp32" if cfg.dtype == "auto" and cfg.dist == "fsdp" and world > 1 else cfg.dtype
+    disc_dtype = models.stage_dtype(cfg)  # as the policy's
     if os.path.isdir(disc_path):
         disc, disc_processor = discriminator.load(disc_path, device, dtype=disc_dtype, attn=cfg.attn)
     elif disc_path.startswith(("/", ".", "~", "runs")):

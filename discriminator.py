@@ -248,9 +248,10 @@ def save(disc, processor, path, info=None):
     FSDP the shards are gathered first); rank 0 writes."""
     from safetensors.torch import save_file
     disc = models.unwrap(disc)
-    state = models.full_state_dict(disc) or disc.state_dict()
+    state = models.full_state_dict(disc)  # None unless sharded
     if common.get_rank() != 0:
         return
+    state = disc.state_dict() if state is None else state
 
     def write(tmp):
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))

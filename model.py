@@ -312,16 +312,21 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
     return model, processor, path
 
 
+def stage_dtype(cfg):
+    """--dtype as a stage loads its models: FSDP keeps fp32 shards and computes in bf16
+    (wrap_distributed), so under torchrun with --dist fsdp "auto" means fp32."""
+    from common import is_dist
+    return "fp32" if cfg.dtype == "auto" and cfg.dist == "fsdp" and is_dist() else cfg.dtype
+
+
 def load_policy(cfg, device, log=print):
     """The policy of a stage: load_model with the stage config's options, from out_dir's latest
     checkpoint when cfg.resume -> (model, processor, resume_from or None). Logs its size. `--vision
     auto` trains the tower only when it has never been trained (the random-init presets: a frozen
     random encoder cannot learn to see); any trained tower stays frozen, as in the paper."""
-    from common import is_dist, latest_checkpoint
+    from common import latest_checkpoint
     resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    # FSDP keeps fp32 shards and computes in bf16 (wrap_distributed), so it loads fp32 by default
-    dtype = "fp32" if cfg.dtype == "auto" and cfg.dist == "fsdp" and is_dist() else cfg.dtype
-    model, processor, _ = load_model(resume_from or cfg.model, device, dtype=dtype, attn=cfg.attn, lora=cfg.lora,
+    model, processor, _ = load_model(resume_from or cfg.model, device, dtype=stage_dtype(cfg), attn=cfg.attn, lora=cfg.lora,
                                      qlora=cfg.qlora, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
                                      train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in PRESETS))
     total, trainable = count_params(model)

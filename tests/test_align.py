@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
@@ -13,17 +12,14 @@ from safetensors.torch import load_file
 import align
 import data
 import model as models
-import task
+from helpers import fake_split_segments, torchrun, write_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    task.main(["--out", str(out), "--seed", "0", "--n_sft_public", "4", "--n_sft_teacher", "4",
-               "--n_align", "8", "--n_rl", "4", "--n_val", "4", "--n_test", "4", "--image_size", "64"])
-    return out
+    return write_task(tmp_path_factory.mktemp("data"), n_align=8)
 
 
 def args(dataset, out_dir, *extra):
@@ -37,16 +33,10 @@ def metrics(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
-def fake_valid_texts(monkeypatch, every=2):
-    """Make every `every`-th rollout a valid answer, so the Bradley-Terry path (not only the
+def fake_valid_texts(monkeypatch):
+    """Make half of the rollouts valid answers, so the Bradley-Terry path (not only the
     all-invalid fallback) runs: a random policy never writes the format itself."""
-    real = data.split_segments
-
-    def split(text):
-        if zlib.crc32(text.encode()) % every == 0:
-            return "<caption>- a red circle</caption>", "<think>one</think><answer>1</answer>"
-        return real(text)
-    monkeypatch.setattr(data, "split_segments", split)
+    monkeypatch.setattr(data, "split_segments", fake_split_segments)
 
 
 def test_one_step_changes_policy_and_discriminator(dataset, tmp_path, monkeypatch):
@@ -101,10 +91,7 @@ def test_missing_discriminator_folder_is_one_line(dataset, tmp_path):
 
 
 def test_torchrun_two_processes(dataset, tmp_path):
-    cmd = ["timeout", "240", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "align.py",
-           *args(dataset, tmp_path, "--steps", "2")]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-2000:]
+    torchrun("align.py", *args(dataset, tmp_path, "--steps", "2"))
     assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
     assert os.path.exists(tmp_path / "final" / "discriminator" / "model.safetensors")
 
@@ -127,3 +114,4 @@ def test_discriminator_update_in_chunks_equals_the_whole_batch(dataset, tmp_path
             assert other[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-5), (run, key)
         b = load_file(tmp_path / run / "final" / "discriminator" / "model.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4  # one Adam step of lr 1e-4, up to rounding
+

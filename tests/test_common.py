@@ -1,7 +1,5 @@
 """The CLI generated from a dataclass, and atomic checkpoints."""
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,6 +7,7 @@ import pytest
 import torch
 
 import common
+from helpers import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,6 +92,4 @@ def test_all_reduce_grads_sums_over_two_ranks(tmp_path):
         "common.all_reduce_grads([a], average=True)\n"
         "assert torch.equal(a.grad, torch.full((3,), 1.5))\n"
         "torch.distributed.destroy_process_group()\n")
-    p = subprocess.run(["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-1500:]
+    torchrun(str(script), timeout=120, env={"PYTHONPATH": ROOT})

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import data
 import model as models
 import rlvr
 import sft
-import task
+from helpers import fake_reward, write_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -25,10 +24,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    task.main(["--out", str(out), "--seed", "0", "--n_sft_public", "4", "--n_sft_teacher", "4", "--n_align", "4",
-               "--n_rl", "4", "--n_val", "4", "--n_test", "4", "--image_size", "64"])
-    return out
+    return write_task(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +40,6 @@ def logits_of(m, processor, rows):
         out = m(**data.encode_prompts(rows, processor)).logits  # (B, T, V)
     m.train(was_training)
     return out
-
-
-def fake_reward(response, ground_truth):
-    """A deterministic reward that varies between rollouts (a random policy earns only zeros, and
-    all-zero groups have zero advantages: no update)."""
-    acc = float(zlib.crc32(response.encode()) % 2)
-    return dict(score=0.8 * acc + 0.2, acc=acc, format=1.0)
 
 
 # ----------------------------------------------------------------------------- QLoRA RL

@@ -7,8 +7,6 @@ signal) and the final weights are compared. Every torchrun is under `timeout` (M
 rare hangs at the final barrier)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,26 +15,14 @@ from safetensors.torch import load_file
 import data
 import model as models
 import sft
-import task
+from helpers import ROOT, torchrun, untimed, write_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATCHED = os.path.join(ROOT, "tests", "patched_stage.py")
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    task.main(["--out", str(out), "--seed", "0", "--n_sft_public", "8", "--n_sft_teacher", "8", "--n_align", "8",
-               "--n_rl", "8", "--n_val", "4", "--n_test", "4", "--image_size", "64"])
-    return out
-
-
-def torchrun(*argv, timeout=240, env=None):
-    p = subprocess.run(["timeout", str(timeout), sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", *argv], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+    return write_task(tmp_path_factory.mktemp("data"), n_sft_public=8, n_sft_teacher=8, n_align=8, n_rl=8)
 
 
 def metrics(out_dir):
@@ -56,10 +42,6 @@ def same_run(a, b, keys):
 def adam_tolerance(lr, steps):
     """How far two runs' weights may drift apart that way: at most about 2 lr per step."""
     return 2 * lr * steps
-
-
-def untimed(records):
-    return [{k: v for k, v in r.items() if k not in ("step_s", "rollout_s", "tokens_per_s", "peak_mem_mb")} for r in records]
 
 
 def weights(folder, name="model.safetensors"):

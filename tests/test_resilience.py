@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 
 import pytest
 import torch
@@ -33,20 +32,16 @@ import rl_losses
 import rlvr
 import rollout
 import sft
-import task
+from helpers import fake_reward, untimed, write_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-TIMING = {"step_s", "tokens_per_s", "rollout_s", "peak_mem_mb"}  # the only numbers allowed to differ
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """One tiny task for all three stages (the sizes of tests/test_sft.py, test_align.py, test_rlvr.py)."""
-    out = tmp_path_factory.mktemp("data")
-    task.main(["--out", str(out), "--seed", "0", "--n_sft_public", "48", "--n_sft_teacher", "16", "--n_align", "8",
-               "--n_rl", "12", "--n_val", "4", "--n_test", "4", "--image_size", "64"])
-    return out
+    return write_task(tmp_path_factory.mktemp("data"), n_sft_public=48, n_sft_teacher=16, n_align=8, n_rl=12)
 
 
 def sft_args(dataset, out_dir, *extra):
@@ -132,8 +127,7 @@ def assert_same_run(a, b, steps, weights=("model.safetensors",)):
     assert same(sa, sb)  # optimizer moments and step counts, bitwise
     assert same(torch.load(ca / "rng_rank0.pt", weights_only=True), torch.load(cb / "rng_rank0.pt", weights_only=True))
     ma, mb = metrics(a), metrics(b)
-    assert [{k: v for k, v in r.items() if k not in TIMING} for r in ma] == \
-           [{k: v for k, v in r.items() if k not in TIMING} for r in mb]
+    assert untimed(ma) == untimed(mb)  # every number but the timings
 
 
 # ----------------------------------------------------------------------------- kill and resume
@@ -199,18 +193,11 @@ def test_sft_killed_inside_a_save_keeps_the_previous_checkpoint(dataset, sft_ref
     assert_same_run(sft_reference, run, 8)
 
 
-def fake_reward(response, ground_truth):
-    """A reward that varies between rollouts (a random policy earns only zeros, so its updates would
-    not depend on what it sampled)."""
-    acc = float(zlib.crc32(response.encode()) % 2)
-    return dict(score=0.8 * acc + 0.2, acc=acc, format=1.0)
-
-
 FAKE_REWARD = """
 import sys
 sys.path.insert(0, "tests")
 import data, rlvr
-from test_resilience import fake_reward
+from helpers import fake_reward
 data.reward = fake_reward
 rlvr.main(sys.argv[1:])
 """

@@ -5,14 +5,12 @@ import torch
 import data
 import model as models
 import rollout
-import task
+from helpers import write_task
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    task.main(["--out", str(out), "--seed", "0", "--n_sft_public", "4", "--n_sft_teacher", "4",
-               "--n_align", "4", "--n_rl", "6", "--n_val", "4", "--n_test", "4"])
+    out = write_task(tmp_path_factory.mktemp("data"), image_size=None, n_rl=6)
     torch.manual_seed(0)
     m, processor, _ = models.load_model("tiny", torch.device("cpu"), train_vision=True)
     return m, processor, data.load_prompts(str(out / "rl_prompts.parquet"))

@@ -10,17 +10,14 @@ import torch
 import data
 import model as models
 import sft
-import task
+from helpers import torchrun, write_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    task.main(["--out", str(out), "--seed", "0", "--n_sft_public", "48", "--n_sft_teacher", "16",
-               "--n_align", "4", "--n_rl", "4", "--n_val", "8", "--n_test", "4"])
-    return out
+    return write_task(tmp_path_factory.mktemp("data"), image_size=None, n_sft_public=48, n_sft_teacher=16, n_val=8)
 
 
 def args(dataset, out_dir, *extra):
@@ -68,11 +65,7 @@ def test_torchrun_two_processes_matches_one_process(dataset, tmp_path):
     """2 CPU processes with gloo and DDP give the same losses as one process accumulating two
     micro-batches: the global token-mean normalisation holds across ranks and micro-batches.
     Under `timeout`: MEASURED.md saw rare DDP hangs at the final barrier."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    run_args = args(dataset, tmp_path / "two", "--steps", "3", "--eval_every", "0", "--save_every", "3")
-    p = subprocess.run(["timeout", "240", torchrun, "--nproc_per_node=2", "--master_port=29517", "sft.py", *run_args],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun("sft.py", *args(dataset, tmp_path / "two", "--steps", "3", "--eval_every", "0", "--save_every", "3"))
     two = metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]  # rank 0 alone writes
     assert os.path.exists(tmp_path / "two" / "final" / "model.safetensors")
