@@ -120,6 +120,8 @@ def main(argv=None):
     rank, world, device, log = common.start(cfg)
     master = rank == 0
     rollout.check_config(cfg, world)
+    if cfg.disc_chunk < 0:
+        raise SystemExit(f"error: --disc_chunk {cfg.disc_chunk}: give a number of prompts, or 0 for all of them")
 
     # ---- data: every prompt carries its teacher reference (text only)
     try:

@@ -115,3 +115,8 @@ def test_discriminator_update_in_chunks_equals_the_whole_batch(dataset, tmp_path
         b = load_file(tmp_path / run / "final" / "discriminator" / "model.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4  # one Adam step of lr 1e-4, up to rounding
 
+
+def test_negative_disc_chunk_is_one_line(dataset, tmp_path):
+    p = subprocess.run([sys.executable, "align.py", *args(dataset, tmp_path, "--disc_chunk", "-1")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "--disc_chunk -1" in p.stderr
