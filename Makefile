@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup demo test data clean reproduce
+.PHONY: setup demo test data clean reproduce reproduce-tiny
 
 setup: $(STAMP)
 
@@ -47,3 +47,11 @@ clean:
 # ablations; resumable (finished stages are skipped). Wall time: see README.
 reproduce: setup
 	$(PY) reproduce.py
+
+# The same grid on the demo's tiny preset with the demo's settings (SFT defaults, 150 alignment and 300
+# RL steps): the demo's comparison over 3 seeds with GRPO, DAPO and GSPO, and both ablations (GRPO only).
+# The seeds are independent: `make reproduce-tiny SEEDS=1` in several shells shares the cores.
+SEEDS ?= 0,1,2
+reproduce-tiny: setup
+	$(PY) reproduce.py --model tiny --seeds $(SEEDS) --out runs/reproduce_tiny --ablation_algos grpo --sft_flags "--eval_every 0" \
+	    --align_flags "$(ALIGN_FLAGS)" --rl_flags "$(RL_FLAGS)"
