@@ -5,7 +5,8 @@ Per seed, on the embedded task (data/tiny, fixed), with the larger embedded pres
   disc_{moe,dense,text-only}   three discriminator warm-ups (PRISM's MoE, then the paper's ablations)
   align_{moe,dense,text-only}  three alignments from the same SFT policy
   {grpo,dapo,gspo} x {sft, align_moe, align_dense, align_text-only}   twelve RLVR runs, same budget
-                           (--ablation_algos grpo: the ablations' policies get GRPO only, 8 runs)
+                           (--ablation_algos grpo: the ablations' policies get GRPO only, 8 runs;
+                            --ablation_algos none: no RL from them, 6 runs)
   evaluate.py              every model above on the test split
 Then runs/reproduce/summary.md: per model, the mean and spread (sample std over seeds) of greedy
 accuracy, mean accuracy of 4 samples, perception accuracy and drift (MMD^2); and PRISM's claim as
@@ -110,7 +111,8 @@ def main():
     ap.add_argument("--model", default="small", help="policy preset or folder")
     ap.add_argument("--algos", default="grpo,dapo,gspo", help="RL algorithms")
     ap.add_argument("--kinds", default="moe,dense,text-only", help="discriminator kinds (the first is PRISM's, the rest ablations)")
-    ap.add_argument("--ablation_algos", default="", help="RL algorithms run from the ablations' aligned policies (default: all of --algos)")
+    ap.add_argument("--ablation_algos", default="", help="RL algorithms run from the ablations' aligned policies (default: all of --algos; "
+                    "'none': the ablations are aligned and evaluated, no RL)")
     ap.add_argument("--out", default="runs/reproduce", help="output root")
     ap.add_argument("--data", default="data/tiny", help="task folder (written by task.py if missing)")
     ap.add_argument("--sft_flags", default="--lr 1e-3", help="extra sft.py flags (the default suits `small`)")

@@ -37,6 +37,14 @@ def test_ablations_with_grpo_only_and_passed_flags():
     assert stages[0][0][:3] == ["sft.py", "--model", "small"] and "--lr" not in stages[0][0]
 
 
+def test_ablations_aligned_without_rl():
+    stages = reproduce.plan(args(ablation_algos="none", algos="grpo"), 2)
+    assert [s[1].split("/")[-1] for s in stages if s[0][0] == "rlvr.py"] == ["sft-grpo", "align_moe-grpo"]
+    models = stages[-1][0][stages[-1][0].index("--models") + 1].split(",")
+    assert [m.split("=")[0] for m in models] == ["sft", "align_moe", "align_dense", "align_text-only",
+                                                 "sft-grpo", "align_moe-grpo"]
+
+
 def result(greedy, sampled, perception, mmd2):
     return {"greedy": {"acc": greedy, "perception": {"acc": perception}}, "sampled": {"acc": sampled},
             "drift": {"greedy": {"mmd2": mmd2}}}
