@@ -35,10 +35,11 @@ PY = sys.executable
 
 
 def plan(a, seed):
-    """The stages of one seed in order, as (script arguments, output folder); and the evaluated models."""
+    """The stages of one seed in order, as (script arguments, output folder); the last evaluates every model."""
     root, common = os.path.join(a.out, f"seed{seed}"), ["--seed", str(seed)]
     kinds, algos = a.kinds.split(","), a.algos.split(",")
     ablation_algos = a.ablation_algos.split(",") if a.ablation_algos else algos
+    ablation_arms = [f"align_{k}" for k in kinds[1:]]
     sft = os.path.join(root, "sft")
     stages = [(["sft.py", "--model", a.model, *shlex.split(a.sft_flags), "--out_dir", sft, *common], sft)]
     starts = {"sft": os.path.join(sft, "final")}
@@ -52,7 +53,7 @@ def plan(a, seed):
     models = dict(starts)
     for algo in algos:
         for arm, start in starts.items():
-            if arm in [f"align_{k}" for k in kinds[1:]] and algo not in ablation_algos:
+            if arm in ablation_arms and algo not in ablation_algos:
                 continue  # an ablation's policy, and this algorithm is not run on ablations
             out = os.path.join(root, f"{arm}-{algo}")
             stages.append((["rlvr.py", "--model", start, "--algo", algo, "--out_dir", out, "--eval_every", "0",
@@ -86,9 +87,7 @@ def summary(per_seed, main_kind="moe"):
     rows = [f"| {name} | " + " | ".join(mean_std([get(r[name]) for r in per_seed if name in r]) for _, get in CELLS)
             + " |" for name in per_seed[0]]
     diffs = []
-    for name in per_seed[0]:
-        if not name.startswith("sft-"):
-            continue
+    for name in [n for n in per_seed[0] if n.startswith("sft-")]:
         algo = name[len("sft-"):]
         other = f"align_{main_kind}-{algo}"
         pairs = [(r[other], r[name]) for r in per_seed if other in r and name in r]
