@@ -104,7 +104,10 @@ def summary(per_seed, main_kind="moe"):
     return out
 
 
-def main():
+ALGOS, KINDS = ["grpo", "dapo", "gspo"], ["moe", "dense", "text-only"]
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     ap.add_argument("--model", default="small", help="policy preset or folder")
@@ -117,7 +120,13 @@ def main():
     ap.add_argument("--sft_flags", default="--lr 1e-3", help="extra sft.py flags (the default suits `small`)")
     ap.add_argument("--align_flags", default="", help="extra align.py flags, e.g. '--steps 150'")
     ap.add_argument("--rl_flags", default="", help="extra rlvr.py flags, e.g. '--steps 300'")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    # Bad names fail here, not in the first RL stage after half an hour of SFT.
+    for flag, names, allowed in [("--algos", a.algos, ALGOS), ("--kinds", a.kinds, KINDS),
+                                 ("--ablation_algos", a.ablation_algos or "none", a.algos.split(",") + ["none"])]:
+        bad = [n for n in names.split(",") if n not in allowed]
+        if bad:
+            ap.error(f"{flag}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
     os.makedirs(a.out, exist_ok=True)
     journal = open(os.path.join(a.out, "journal.txt"), "a")
 
@@ -138,7 +147,8 @@ def main():
                 continue
             log("$ " + " ".join(args))
             t0 = time.time()
-            subprocess.run([PY, *args], check=True)
+            if subprocess.run([PY, *args]).returncode != 0:
+                sys.exit(f"reproduce.py: {args[0]} failed for {out_dir} (its error is above); run again to resume")
             log(f"  {time.time() - t0:.0f} s")
     log(f"total wall time {(time.time() - t_start) / 60:.1f} min")
 

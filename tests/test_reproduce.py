@@ -2,6 +2,8 @@
 summary table built from fixed per-seed results, checked against hand-computed means and spreads."""
 import argparse
 
+import pytest
+
 import reproduce
 
 
@@ -66,3 +68,24 @@ def test_summary_one_seed_and_no_aligned_arm():
     md = reproduce.summary([{"sft": result(0.5, None, 0.1, None)}])
     assert "| sft | 0.500 ± 0.000 | n/a | 0.100 ± 0.000 | n/a |" in md
     assert "PRISM's claim" not in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algos", "grpo,ppo"], "--algos: unknown ppo"),
+    (["--kinds", "moe,sparse"], "--kinds: unknown sparse"),
+    (["--algos", "grpo", "--ablation_algos", "dapo"], "--ablation_algos: unknown dapo"),
+])
+def test_bad_names_are_one_line_errors_before_any_stage(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([*argv, "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()                                           # nothing ran
+
+
+def test_a_failing_stage_is_a_one_line_exit(tmp_path):
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "meta.json").write_text("{}")                              # skip writing the task
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--seeds", "0", "--sft_flags=--no_such_flag", "--out", str(tmp_path / "r"),
+                        "--data", str(tmp_path / "task")])
+    assert str(e.value).startswith("reproduce.py: sft.py failed for ") and "run again to resume" in str(e.value)
