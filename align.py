@@ -179,7 +179,7 @@ def main(argv=None):
         """(valid (BN,) bool, captions, reasonings) of the rollouts; invalid ones get empty strings
         (they are never scored: their scores are replaced in the advantage)."""
         split = [data.split_segments(t) for t in r.texts]
-        valid = torch.tensor([c is not None for c, _ in split])
+        valid = torch.tensor([c is not None for c, _ in split], device="cpu")
         return valid, [c or "" for c, _ in split], [k or "" for _, k in split]
 
     def score_all(r, valid, caps, cots, any_valid, train):
@@ -197,7 +197,8 @@ def main(argv=None):
         opened = [{**row, "images": [data.open_image(x) for x in row["images"]]} for row in r.rows]
         B = len(r.rows)
         size = cfg.disc_chunk if cfg.disc_chunk and any_valid else B  # the fallback needs the whole batch
-        out = {"t": {w: torch.zeros(B) for w in ("cap", "cot")}, "s": {w: torch.zeros(len(r)) for w in ("cap", "cot")},
+        out = {"t": {w: torch.zeros(B, device="cpu") for w in ("cap", "cot")},
+               "s": {w: torch.zeros(len(r), device="cpu") for w in ("cap", "cot")},
                "load": {"cap": [], "cot": []}, "nonfinite": 0, "loss": 0.0}
         with torch.enable_grad() if train else torch.no_grad():
             for c in range(0, B, size):  # every rank holds B = prompts_per_step / world: same chunk count
@@ -225,7 +226,7 @@ def main(argv=None):
                     # the load-balancing term is a mean over chunks
                     (loss + cfg.aux_coef * (aux_cap + aux_cot) / 2 * len(prompts) / B).backward()
                     out["loss"] += loss.item()
-        out["load"] = {w: torch.tensor(x).mean(0).tolist() for w, x in out["load"].items()}
+        out["load"] = {w: torch.tensor(x, device="cpu").mean(0).tolist() for w, x in out["load"].items()}
         return out
 
     def disc_step(loss):
@@ -240,6 +241,11 @@ def main(argv=None):
             disc_optimizer.step()
         disc_optimizer.zero_grad(set_to_none=True)
         return {"disc_loss": loss, "disc_grad_norm": grad_norm.item(), "skipped": skipped}
+
+    def save_models(path):
+        """Both models into one folder (the discriminator in its own subfolder)."""
+        models.save_pretrained(model, processor, path)
+        discriminator.save(disc, disc_processor, os.path.join(path, "discriminator"))
 
     # ----------------------------------------------------------------------------- loop
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
@@ -265,7 +271,7 @@ def main(argv=None):
         t_rollout = time.time() - t0
         valid, caps, cots = segments(r)
         # any valid rollout on any rank? (all_reduce: decides between the BT loss and the fallback)
-        any_valid = common.all_reduce_sum(torch.tensor(float(valid.sum()))).item() > 0
+        any_valid = common.all_reduce_sum(torch.tensor(float(valid.sum()), device="cpu")).item() > 0
 
         # ---- 2. score with D before its update. One forward with gradients serves both the
         # advantages (detached values) and D's first update below (its gradient is accumulated now).
@@ -294,7 +300,8 @@ def main(argv=None):
 
         # ---- 5. policy update
         if not skip:
-            stats = rollout.policy_update(model, optimizer, params, r, advantages, torch.arange(len(r)), algo=cfg.algo,
+            every = torch.arange(len(r), device="cpu")
+            stats = rollout.policy_update(model, optimizer, params, r, advantages, every, algo=cfg.algo,
                                           loss_kwargs={}, ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
                                           temperature=cfg.temperature, token_budget=cfg.token_budget,
                                           grad_clip=cfg.grad_clip)
@@ -305,12 +312,13 @@ def main(argv=None):
         # ---- 6. log. Gaps and accuracies are from the pre-update scores (what the advantage used).
         g = r.group.to(t_cap.device)
         v = valid.to(t_cap.device)
-        acc = torch.tensor([data.reward(t, r.rows[k]["ground_truth"])["acc"] for t, k in zip(r.texts, r.group.tolist())])
+        acc = torch.tensor([data.reward(t, r.rows[k]["ground_truth"])["acc"]
+                            for t, k in zip(r.texts, r.group.tolist())], device="cpu")
         # all_reduce: each rank scored its own rollouts; the logged numbers are global means
         sums = common.all_reduce_sum(torch.tensor([
             ((t_cap[g] - s_cap) * v).sum(), ((t_cot[g] - s_cot) * v).sum(), ((t_cap[g] > s_cap) & v).sum(),
             ((t_cot[g] > s_cot) & v).sum(), v.sum(), len(r), r.lengths.sum(), acc.sum(), t_cap.mean(), t_cot.mean(),
-            (s_cap * v).sum(), (s_cot * v).sum()], dtype=torch.float).cpu())
+            (s_cap * v).sum(), (s_cot * v).sum()], dtype=torch.float, device="cpu"))
         nv = max(sums[4].item(), 1.0)
         dt = time.time() - t0
         record = {"step": step + 1, "loss": round(stats.get("loss", math.nan), 5), "gap_cap": round(sums[0].item() / nv, 4),
@@ -343,9 +351,6 @@ def main(argv=None):
                             fmt=f"{record['format_rate']:.2f}", refresh=False)
 
         # ---- checkpoint: both models and both optimizers, atomically together
-        def save_models(path):
-            models.save_pretrained(model, processor, path)
-            discriminator.save(disc, disc_processor, os.path.join(path, "discriminator"))
         common.stop_if_diverged(bad, cfg.max_bad_steps, step + 1, cfg.out_dir)  # never after too many skipped steps
         if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step) and not why:  # nor on one
             common.save_checkpoint(cfg.out_dir, step + 1, save_models,

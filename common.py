@@ -74,19 +74,27 @@ def parse_config(cls, argv=None):
 def init_distributed():
     """Return (rank, local_rank, world_size, device). One code path for `python x.py` and torchrun.
 
-    CUDA gets one GPU per local rank and NCCL; CPU runs use gloo (that is how the 2-process tests
-    run on this machine)."""
+    CUDA gets one GPU per local rank; CPU runs use gloo (that is how the 2-process tests run on
+    this machine). See BACKENDS for why a GPU run starts two backends."""
     if "RANK" not in os.environ:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         return 0, 0, 1, device
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device = torch.device("cuda", local_rank)
     else:
-        device, backend = torch.device("cpu"), "gloo"
-    torch.distributed.init_process_group(backend=backend)
+        device = torch.device("cpu")
+    torch.distributed.init_process_group(backend=BACKENDS[device.type])
     return rank, local_rank, world, device
+
+
+# The process-group backend per device type. On GPUs the gradients and FSDP's shards travel over
+# NCCL, but the stages also all-reduce small CPU tensors (token counts, "did any rank see a NaN?",
+# metric sums): NCCL accepts CUDA tensors only, so CPU tensors get a gloo backend in the same
+# group. Keeping the bookkeeping on the CPU avoids a GPU sync per counter and keeps the code the
+# same for CPU and GPU runs; tests/test_gpu_sim.py runs every such collective against this table.
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 
 
 def start(cfg):
@@ -155,7 +163,7 @@ def all_reduce_max(t):
 
 def any_rank(flag):
     """True on every rank if flag is true on any rank: for a branch all ranks must take together."""
-    return all_reduce_sum(torch.tensor(float(bool(flag)))).item() > 0
+    return all_reduce_sum(torch.tensor(float(bool(flag)), device="cpu")).item() > 0
 
 
 def all_reduce_grads(params, average=False):

@@ -190,7 +190,8 @@ class Discriminator(nn.Module):
         hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H), after the final norm
         # The last 1 in the mask, not sum-1: right for any padding side, and padding never moves it.
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
-        raw = self.value_head(hidden[torch.arange(len(last)), last].float()).squeeze(-1)  # (B,)
+        final = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, H)
+        raw = self.value_head(final.float()).squeeze(-1)  # (B,) in fp32 (the head's own dtype)
         moes = self.moe_layers()
         balance = [m.balance(mask) for m in moes]  # (aux, load) per layer, over non-pad tokens
         self.loads = [load for _, load in balance]  # score() reports their mean
@@ -313,12 +314,14 @@ def encode(processor, prompts, segments, text_only=False, max_segment_tokens=512
     seg_ids = [s[:max_segment_tokens] for s in seg_ids]
     prompt_len = enc["attention_mask"].sum(-1)  # (B,)
     B, T = len(rows), max(int(n) + len(s) for n, s in zip(prompt_len, seg_ids))
-    batch = {"input_ids": torch.full((B, T), tok.pad_token_id, dtype=torch.long),  # (B, T)
-             "attention_mask": torch.zeros((B, T), dtype=torch.long),  # (B, T)
-             "mm_token_type_ids": torch.zeros((B, T), dtype=torch.long)}  # (B, T): 0 = text, as segments are
+    # built on the CPU beside the processor's output; score() moves each micro-batch to the model
+    cpu = dict(dtype=torch.long, device="cpu")
+    batch = {"input_ids": torch.full((B, T), tok.pad_token_id, **cpu),  # (B, T)
+             "attention_mask": torch.zeros((B, T), **cpu),  # (B, T)
+             "mm_token_type_ids": torch.zeros((B, T), **cpu)}  # (B, T): 0 = text, as segments are
     for i, (n, s) in enumerate(zip(prompt_len.tolist(), seg_ids)):
         batch["input_ids"][i, :n] = enc["input_ids"][i, :n]
-        batch["input_ids"][i, n:n + len(s)] = torch.tensor(s, dtype=torch.long)
+        batch["input_ids"][i, n:n + len(s)] = torch.tensor(s, **cpu)
         batch["attention_mask"][i, :n + len(s)] = 1
         if "mm_token_type_ids" in enc:  # M-RoPE needs it beside pixel_values (MEASURED.md)
             batch["mm_token_type_ids"][i, :n] = enc["mm_token_type_ids"][i, :n]

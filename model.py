@@ -107,10 +107,20 @@ def load_processor(path):
     """Tokenizer + image processor from a folder or hub id, joined in our image-only processor.
 
     Built from its parts so the same code loads the official Qwen folders and ours, with or without
-    torchvision installed."""
+    torchvision installed. The chat template: transformers reads the tokenizer's own
+    (tokenizer_config.json or chat_template.jinja); the official Qwen3-VL folders ship theirs only
+    as the processor's chat_template.json, which is the fallback."""
     from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.utils import cached_file
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        found = cached_file(path, "chat_template.json", _raise_exceptions_for_missing_entries=False)
+        if found is None:
+            raise SystemExit(f"error: {path} has no chat template (tokenizer_config.json, "
+                             "chat_template.jinja or chat_template.json)")
+        with open(found) as f:
+            tokenizer.chat_template = json.load(f)["chat_template"]
     # Padding side is not fixed here: data.py pads training batches right and prompts left, per call.
     return _image_only_processor_class()(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
@@ -220,6 +230,9 @@ def resolve_model(name, seed=0):
     """Turn a --model value into a local folder or hub id (building the embedded model if asked)."""
     if name in PRESETS:
         return build_embedded(name, seed=seed)
+    if name == "proxy":  # the real-vocabulary Qwen3-VL stand-in (proxy.py)
+        import proxy
+        return proxy.build(CACHE_DIR, seed=seed)
     if name in HUB_ALIASES:
         return HUB_ALIASES[name]
     return name
@@ -335,7 +348,7 @@ def load_policy(cfg, device, log=print):
     return model, processor, resume_from
 
 
-def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=False):
+def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=False, mixed_precision=None):
     """Data parallelism under torchrun; returns the model unchanged single-process.
 
     ddp   a full replica per rank, gradients averaged in backward (DDP's wrapper).
@@ -347,6 +360,10 @@ def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=Fa
           (MixedPrecisionPolicy); --cpu_offload keeps the shards and optimizer states in CPU RAM.
           grads: "mean" averages over ranks (as DDP: sft.py, the discriminator), "sum" adds them
           (the RL stages, whose losses are already divided by global token counts).
+          mixed_precision: None = bf16 compute on CUDA only; True forces it (the CPU tests of the
+          CUDA path). A module named `value_head` (the discriminator's) is its own unit that
+          keeps fp32 weights: a score is one dot product, and rounding it to bf16 costs precision
+          for nothing.
 
     Under fsdp: sampling and evaluation run inside `gathered(model)`; checkpoints go through
     save_pretrained / optimizer_state, which gather the full tensors on rank 0; and every rank
@@ -363,15 +380,21 @@ def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=Fa
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     kwargs = {"mesh": init_device_mesh(device.type, (torch.distributed.get_world_size(),))}
-    if device.type == "cuda":
+    fp32 = None
+    if device.type == "cuda" if mixed_precision is None else mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     # the units: elements of a ModuleList called blocks (vision) or layers (language model), found
     # by name so the same code shards the policy, a peft-wrapped policy and the discriminator
     units = [m for name, m in model.named_modules() if re.search(r"(^|\.)(blocks|layers)\.\d+$", name)]
+    heads = [m for name, m in model.named_modules() if name.split(".")[-1] == "value_head"]
+    for unit in heads:  # fp32 weights, and its input cast to fp32 by FSDP (cast_forward_inputs)
+        fully_shard(unit, **(dict(kwargs, mp_policy=fp32) if fp32 else kwargs))
     for unit in units + [model]:
         fully_shard(unit, **kwargs)
+    units = heads + units
     for unit in units + [model]:
         unit.set_gradient_divide_factor(1.0 if grads == "sum" else float(torch.distributed.get_world_size()))
         unit.set_force_sum_reduction_for_comms(True)  # scale apart from the sum: gloo has no PREMUL_SUM
@@ -438,7 +461,7 @@ def even_split(pieces):
     from common import all_reduce_max, is_dist
     if not is_dist():
         return pieces, [True] * len(pieces)
-    most = int(all_reduce_max(torch.tensor(len(pieces))).item())
+    most = int(all_reduce_max(torch.tensor(len(pieces), device="cpu")).item())
     return pieces + pieces[:1] * (most - len(pieces)), [True] * len(pieces) + [False] * (most - len(pieces))
 
 

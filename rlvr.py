@@ -213,13 +213,14 @@ def main(argv=None):
             r = rollout.sample(model, processor, [rows[i] for i in idx], cfg.group_size, cfg.max_new_tokens,
                                cfg.temperature, cfg.top_p, cfg.token_budget)
             reward, acc, fmt = rewards_of(r)
-            keep = rl_losses.dynamic_sampling_keep(acc, r.group) if dynamic else torch.ones(len(r), dtype=torch.bool)
+            keep = (rl_losses.dynamic_sampling_keep(acc, r.group) if dynamic
+                    else torch.ones(len(r), dtype=torch.bool, device="cpu"))
             got.append((r, keep, reward, acc, fmt))
             rounds += 1
             kept_groups = sum(int(k.sum()) // cfg.group_size for _, k, *_ in got)
             # all ranks do the same number of rounds (all_reduce): a round is collective-free, but the
             # update that follows is not, and the shared cursor must advance the same everywhere
-            short = common.all_reduce_sum(torch.tensor(float(kept_groups < per_rank))).item() > 0
+            short = common.all_reduce_sum(torch.tensor(float(kept_groups < per_rank), device="cpu")).item() > 0
             if not dynamic or not short or rounds > cfg.max_extra_rounds:
                 return got, cursor, rounds
 
@@ -252,7 +253,7 @@ def main(argv=None):
         if empty:
             # nothing informative this step: keep the collectives in step (every rank must run the same
             # backward calls) on the whole batch, but with zero advantages: a no-op gradient
-            idx = torch.arange(len(r))
+            idx = torch.arange(len(r), device="cpu")
             advantages.zero_()
         # ---- 5. policy update
         stats = rollout.policy_update(model, optimizer, params, r, advantages, idx, algo=cfg.algo,

@@ -28,9 +28,10 @@ old policy *is* the sampling one. TRL and verl run that extra forward; we skip i
 
 Positions. Qwen3-VL uses 3-D M-RoPE: image tokens get (time, height, width) positions and text
 positions continue from the largest one. Left padding and the image make the text position of the
-first sampled token differ per row, so decode steps pass explicit positions computed from the
-prompt's positions, and the re-scoring forward lets the model compute them for prompt+completion
-(attention mask given, mm_token_type_ids extended with zeros for the completion).
+first sampled token differ per row. Every forward here is given explicit positions computed once
+per prompt by the model's own get_rope_index with the attention mask (padding skipped): left to
+itself, the model numbers a text-only prompt 0..P-1 *including* its left padding, so a padded row
+would be sampled at shifted positions (tests/test_rollout.py compares against an unpadded forward).
 
 Micro-batches are sized by a token budget (rows x padded length), so the same settings work for
 a 100-token toy prompt and a 2,000-token real one. Importing this module does no work.
@@ -84,7 +85,8 @@ def prompt_order(seed, cursor, count, n):
     pass over the data. A pure function, so a resumed run (which saves the cursor) continues exactly."""
     out = []
     for pos in range(cursor, cursor + count):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + pos // n))
+        gen = torch.Generator().manual_seed(seed * 100_003 + pos // n)
+        perm = torch.randperm(n, generator=gen, device="cpu")
         out.append(perm[pos % n].item())
     return out
 
@@ -109,21 +111,26 @@ def _prompt_batch(enc, pixels, prompts, device):
     """The processor outputs (enc) of a subset of the prompts (a list of indices), on device; pixels
     is _per_prompt_pixels(enc, rows). Used to cut sampling chunks and re-scoring micro-batches."""
     sub = {k: enc[k][prompts] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
-    if pixels[0][0] is not None:
-        sub["pixel_values"] = torch.cat([pixels[g][0] for g in prompts])
-        sub["image_grid_thw"] = torch.cat([pixels[g][1] for g in prompts])
+    # only the images of these prompts; none at all when they are text-only (an empty image list
+    # would still send the vision tower an empty batch)
+    chosen = [pixels[g] for g in prompts if pixels[g][0] is not None and len(pixels[g][1])]
+    if chosen:
+        sub["pixel_values"] = torch.cat([patches for patches, _ in chosen])
+        sub["image_grid_thw"] = torch.cat([grid for _, grid in chosen])
     return {k: v.to(device) for k, v in sub.items()}
 
 
-def _next_positions(m, enc):
-    """(B,) text position of each prompt's first sampled token: one past the prompt's largest M-RoPE
-    position (image tokens advance positions by the image's grid side, not its token count)."""
-    if "image_grid_thw" not in enc:
-        return enc["attention_mask"].sum(-1)
-    pos, _ = hf_model(m).model.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
-                                    image_grid_thw=enc["image_grid_thw"],
-                                    attention_mask=enc["attention_mask"])  # (3, B, P)
-    return pos.amax(dim=(0, 2)) + 1
+def _prompt_positions(m, enc):
+    """-> ((3, B, P) M-RoPE positions of the left-padded prompts, (B,) position of each prompt's
+    first sampled token: one past its largest position). Image tokens advance positions by the
+    image's grid side, not its token count; padding is skipped (its positions are 0, never read)."""
+    types = enc.get("mm_token_type_ids")
+    if types is None:  # a text-only batch from a processor that leaves the types out
+        types = torch.zeros_like(enc["input_ids"])
+    pos, _ = hf_model(m).model.get_rope_index(enc["input_ids"], mm_token_type_ids=types,
+                                              image_grid_thw=enc.get("image_grid_thw"),
+                                              attention_mask=enc["attention_mask"])  # (3, B, P)
+    return pos, pos.amax(dim=(0, 2)) + 1
 
 
 def _sample_token(logits, temperature, top_p):
@@ -154,24 +161,24 @@ def _sample_chunk(m, enc, n, max_new_tokens, temperature, top_p, blocked, eos_id
     b = enc["input_ids"].shape[0]
     hf = hf_model(m)
     language_model, lm_head = hf.model.language_model, hf.lm_head
-    first = _next_positions(m, enc)  # (b,)
+    prompt_pos, first = _prompt_positions(m, enc)  # (3, b, P), (b,)
     start = first.repeat_interleave(n)  # (bn,)
-    out = m(**enc, use_cache=True, logits_to_keep=1)
+    out = m(**enc, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(n)  # rows i*n .. i*n+n-1 are prompt i's rollouts
     logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # (bn, V)
     # attention over [left-padded prompt | tokens sampled so far]; finished rows keep attending
     # (their outputs are ignored), so the mask for new tokens is all ones
     P = enc["attention_mask"].shape[1]
-    attn = torch.cat([enc["attention_mask"].repeat_interleave(n, dim=0),
-                      torch.ones(b * n, max_new_tokens, dtype=enc["attention_mask"].dtype)], dim=1)  # (bn, P+T)
+    prompt_mask = enc["attention_mask"].repeat_interleave(n, dim=0)  # (bn, P)
+    attn = torch.cat([prompt_mask, prompt_mask.new_ones(b * n, max_new_tokens)], dim=1)  # (bn, P+T)
     if hf.config._attn_implementation in ("sdpa", "eager"):
         # built once as the additive 4-D mask the attention kernels take (0 = attend, min = padding),
         # then sliced per step: transformers would otherwise rebuild it from the 2-D mask every token
         dtype = next(language_model.parameters()).dtype
         attn = ((1 - attn[:, None, None, :].to(dtype)) * torch.finfo(dtype).min)  # (bn, 1, 1, P+T)
     ids, logps = [], []
-    done = torch.zeros(b * n, dtype=torch.bool)  # (bn,)
+    done = torch.zeros(b * n, dtype=torch.bool, device=logits.device)  # (bn,)
     for t in range(max_new_tokens):
         logits[:, blocked] = float("-inf")
         token, lp = _sample_token(logits, temperature, top_p)  # (bn, 1), (bn,)
@@ -224,7 +231,7 @@ def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p
     ids, mask, logp = cat(0, pad_id), cat(1, 0.0), cat(2, 0.0)  # (BN, T) each
     done = torch.cat([p[3] for p in pieces])  # (BN,)
     return Rollouts(rows=rows, prompt=enc, pixels=pixels, ids=ids, mask=mask, logp=logp,
-                    group=torch.arange(len(rows)).repeat_interleave(n),
+                    group=torch.arange(len(rows), device="cpu").repeat_interleave(n),
                     texts=tok.batch_decode(ids, skip_special_tokens=True),
                     lengths=mask.sum(-1).long(), truncated=~done, blocked=blocked, pad_id=pad_id,
                     next_pos=torch.cat([p[4] for p in pieces]))
@@ -252,31 +259,35 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
     plain forward on prompt + completion instead (share_prefix=False does the same, for tests)."""
     m = unwrap(model)
     device = input_device(m)
-    idx = torch.as_tensor(idx)
-    groups = rollouts.group[idx]  # (b,)
-    prompts, local = groups.unique(return_inverse=True)  # distinct prompts (u,), each rollout's slot (b,)
-    prompt = _prompt_batch(rollouts.prompt, rollouts.pixels, prompts.tolist(), device)
+    idx = torch.as_tensor(idx, device="cpu")
+    groups = rollouts.group[idx].tolist()  # (b) each rollout's prompt
+    prompts = sorted(set(groups))  # (u) the distinct prompts, each forwarded once
+    local = torch.tensor([prompts.index(g) for g in groups], device=device)  # (b,) slot in prompts
+    prompt = _prompt_batch(rollouts.prompt, rollouts.pixels, prompts, device)
     ids, mask = rollouts.ids[idx].to(device), rollouts.mask[idx].to(device)  # (b, T)
     T = ids.shape[1]
     attn = torch.cat([prompt["attention_mask"][local], mask.long()], dim=1)  # (b, P+T)
+    prompt_pos, _ = _prompt_positions(m, prompt)  # (3, u, P): as sampling numbered the prompts
+    start = rollouts.next_pos[prompts].to(device)[local]  # (b,) position of the first sampled token
+    positions = (start[:, None] + torch.arange(T, device=device)).unsqueeze(0).expand(3, -1, -1)  # (3, b, T)
     checkpointing = any(getattr(x, "gradient_checkpointing", False) is True for x in hf_model(m).modules())
     if not share_prefix or (checkpointing and m.training):
         full = dict(prompt, input_ids=torch.cat([prompt["input_ids"][local], ids], dim=1), attention_mask=attn,
-                    image_grid_thw=prompt.get("image_grid_thw"))
+                    image_grid_thw=prompt.get("image_grid_thw"),
+                    position_ids=torch.cat([prompt_pos[:, local], positions], dim=2))  # (3, b, P+T)
         if "mm_token_type_ids" in prompt:  # completion tokens are text: type 0
             full["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"][local], torch.zeros_like(ids)], dim=1)
         if "pixel_values" in prompt:  # every rollout row needs its own copy of its prompt's image
-            full["pixel_values"] = torch.cat([rollouts.pixels[g][0] for g in groups.tolist()]).to(device)
-            full["image_grid_thw"] = torch.cat([rollouts.pixels[g][1] for g in groups.tolist()]).to(device)
+            full["pixel_values"] = torch.cat([rollouts.pixels[g][0] for g in groups]).to(device)
+            full["image_grid_thw"] = torch.cat([rollouts.pixels[g][1] for g in groups]).to(device)
         full = {k: v for k, v in full.items() if v is not None}
         # the last T+1 positions predict the T completion tokens (prompts are left padded)
         logits = m(**full, logits_to_keep=T + 1).logits[:, :-1]  # (b, T, V)
     else:
-        out = m(**prompt, use_cache=True, logits_to_keep=1)  # (u, 1, V): predicts each first token
+        # (u, 1, V): predicts each first token
+        out = m(**prompt, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_select_indices(local)  # (u, ...) -> (b, ...): rollout i reads its prompt's keys/values
-        start = rollouts.next_pos[prompts][local].to(device)  # (b,) position of the first sampled token
-        positions = (start[:, None] + torch.arange(T, device=device)).unsqueeze(0).expand(3, -1, -1)  # (3, b, T)
         rest = m(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
                  use_cache=True).logits  # (b, T, V): position t predicts token t+1
         logits = torch.cat([out.logits[local], rest[:, :-1]], dim=1)  # (b, T, V)
@@ -291,7 +302,8 @@ def pass_rates(model, processor, rows, n, max_new_tokens, temperature=1.0, token
     rates = []
     for i in range(0, len(rows), batch):
         r = sample(model, processor, rows[i:i + batch], n, max_new_tokens, temperature, token_budget=token_budget)
-        acc = torch.tensor([data.reward(t, r.rows[g]["ground_truth"])["acc"] for t, g in zip(r.texts, r.group.tolist())])
+        acc = torch.tensor([data.reward(t, r.rows[g]["ground_truth"])["acc"]
+                            for t, g in zip(r.texts, r.group.tolist())], device="cpu")
         rates += acc.view(-1, n).mean(-1).tolist()
     return rates
 
@@ -320,13 +332,16 @@ def policy_update(model, optimizer, params, r, advantages, idx, *, algo, loss_kw
     ref_logprobs(idx) -> (b, T) gives the reference policy's log-probs when kl_coef > 0."""
     logs, skipped = [], 0
     for _ in range(ppo_epochs):
-        order = idx[torch.randperm(len(idx))]
-        for mb in order.chunk(mini_batches):
+        order = idx[torch.randperm(len(idx), device="cpu")]
+        # exactly mini_batches pieces on every rank (chunk() may return fewer: 6 rows in 4 -> 3),
+        # because each one ends in collectives that all ranks must join
+        for mb in order.tensor_split(mini_batches):
             mask = r.mask[mb]  # (b, T)
             bad_inputs = (~torch.isfinite(advantages[mb])).sum() + (~torch.isfinite(r.logp[mb][mask > 0])).sum()
             # global counts of this optimizer step (all_reduce: every rank holds different rollouts),
             # and the global number of NaN/Inf inputs, so that every rank skips a bad mini-batch together
-            counts = all_reduce_sum(torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum(), bad_inputs], dtype=torch.float))
+            counts = all_reduce_sum(torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum(), bad_inputs],
+                                                 dtype=torch.float, device="cpu"))
             if counts[2] > 0:
                 skipped += 1
                 continue
@@ -382,7 +397,8 @@ def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_
                 r = sample(model, processor, mine[i:i + max(1, batch_size // k)], k, max_new_tokens)
                 sampled += [data.reward(t, r.rows[g]["ground_truth"])["acc"] for t, g in zip(r.texts, r.group.tolist())]
     sums = all_reduce_sum(torch.tensor([sum(x["acc"] for x in rewards), sum(x["format"] for x in rewards),
-                                        sum(lengths), len(rewards), sum(sampled), len(sampled)], dtype=torch.float))
+                                        sum(lengths), len(rewards), sum(sampled), len(sampled)],
+                                       dtype=torch.float, device="cpu"))
     samples = [{"prompt": row["messages"][-1]["content"], "response": x, "ground_truth": row["ground_truth"], **rw}
                for x, row, rw in list(zip(responses, mine, rewards))[:3]]
     out = {"val_acc": (sums[0] / sums[3]).item(), "val_format": (sums[1] / sums[3]).item(),
@@ -433,7 +449,7 @@ def concat(parts):
             prompt[k] = torch.cat([F.pad(p.prompt[k], (P - p.prompt[k].shape[1], 0), value=fill) for p in parts])
     if "image_grid_thw" in parts[0].prompt:
         prompt["image_grid_thw"] = torch.cat([p.prompt["image_grid_thw"] for p in parts])
-    offsets = torch.tensor([0] + [len(p.rows) for p in parts]).cumsum(0)
+    offsets = torch.tensor([0] + [len(p.rows) for p in parts], device="cpu").cumsum(0)
     return Rollouts(
         rows=[row for p in parts for row in p.rows], prompt=prompt, pixels=[x for p in parts for x in p.pixels],
         ids=torch.cat([F.pad(p.ids, (0, T - p.ids.shape[1]), value=pad_id) for p in parts]),

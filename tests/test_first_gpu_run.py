@@ -1,0 +1,71 @@
+"""Defects a first GPU run would have hit that are not about devices (those are in
+test_gpu_sim.py): each test here failed before its fix."""
+import json
+import os
+
+import pytest
+import torch
+
+import align
+import data
+import discriminator
+import model as models
+import rollout
+from helpers import write_task
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    out = write_task(tmp_path_factory.mktemp("data"), n_align=4)
+    torch.manual_seed(0)
+    m, processor, _ = models.load_model("tiny", torch.device("cpu"))
+    return out, m, processor, data.load_prompts(str(out / "rl_prompts.parquet"))
+
+
+def test_left_padded_text_only_prompts_are_sampled_at_their_unpadded_positions(setup):
+    """The recorded log-probs of a left-padded text-only prompt equal those of the same prompt
+    forwarded alone, without padding (the model numbered the padding too: up to 0.23 nats off)."""
+    _, m, processor, rows = setup
+    short = discriminator._without_images(rows[0]) | {"ground_truth": "1"}
+    long = {**short, "messages": short["messages"][:-1] + [
+        {"role": "user", "content": short["messages"][-1]["content"] + " Count twice, then answer."}]}
+    torch.manual_seed(3)
+    r = rollout.sample(m, processor, [short, long], n=2, max_new_tokens=8)
+    assert r.prompt["attention_mask"][0].min() == 0  # the short prompt is left padded
+    for i in range(len(r)):
+        prompt = r.prompt["input_ids"][r.group[i]][r.prompt["attention_mask"][r.group[i]] > 0]
+        n = int(r.lengths[i])
+        ids = torch.cat([prompt, r.ids[i, :n]])[None]  # (1, P + n), no padding anywhere
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits[0, len(prompt) - 1:-1].float()  # (n, V)
+        logits[:, r.blocked] = float("-inf")
+        want = logits.log_softmax(-1).gather(-1, r.ids[i, :n, None]).squeeze(-1)
+        assert (want - r.logp[i, :n]).abs().max() < 1e-4
+
+
+def test_mini_batches_gives_exactly_that_many_optimizer_steps(setup):
+    """6 rollouts in 4 mini-batches: 4 optimizer steps (chunk() made 3), the same on every rank."""
+    _, m, processor, rows = setup
+    torch.manual_seed(4)
+    r = rollout.sample(m, processor, rows[:3], n=2, max_new_tokens=6)
+    params = [p for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    steps = []
+    step = optimizer.step
+    optimizer.step = lambda: steps.append(1) or step()
+    rollout.policy_update(m, optimizer, params, r, torch.linspace(-1, 1, 6), torch.arange(6),
+                          algo="grpo", loss_kwargs={}, mini_batches=4)
+    assert len(steps) == 4
+
+
+def test_align_resume_with_no_step_left_saves_and_exits(setup, tmp_path):
+    """Resuming a finished run (zero steps left) used a helper defined inside the loop."""
+    out = setup[0]
+    argv = ["--model", "tiny", "--disc", "tiny", "--data", f"{out}/align_prompts.parquet",
+            "--out_dir", str(tmp_path), "--prompts_per_step", "2", "--group_size", "2",
+            "--max_new_tokens", "4", "--eval_rows", "0", "--threads", "1", "--steps", "1"]
+    align.main(argv)
+    align.main(argv + ["--resume"])
+    with open(tmp_path / "final" / "run.json") as f:
+        assert json.load(f)
+    assert os.path.exists(tmp_path / "final" / "discriminator" / "model.safetensors")
