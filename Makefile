@@ -44,7 +44,7 @@ clean:
 	rm -rf runs data cache .pytest_cache
 
 # The longer reproduction: the `small` preset, 3 seeds, both arms, GRPO/DAPO/GSPO and the discriminator
-# ablations; resumable (finished stages are skipped). Wall time: see README.
+# ablations; resumable (finished stages are skipped). Wall time: docs/results.md.
 reproduce: setup
 	$(PY) reproduce.py
 

@@ -13,7 +13,7 @@ from fractions import Fraction
 # fast. Only what it cannot decide and looks like maths goes to math_verify (sympy), and only after
 # guards, because sympy can run for minutes (nested braces, 10^{10^{10}}, 100!!).
 
-MAX_ANSWER_CHARS = 1024  # REFERENCE 1: an answer of 1024+ characters counts as wrong
+MAX_ANSWER_CHARS = 1024  # docs/algorithms.md#response-format-and-reward: an answer of 1024+ characters counts as wrong
 # Spellings that mean the same. Order matters: "\\$" before "$", "^\\circ" before "\\circ".
 _REPLACEMENTS = [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\(", ""), ("\\)", ""),
                  ("\\[", ""), ("\\]", ""), ("\\!", ""), ("\\,", " "), ("\\;", " "),

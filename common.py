@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -57,6 +58,11 @@ def parse_config(cls, argv=None):
     for f in dataclasses.fields(cls):
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type, f.type)  # string annotations too
         help_text = comments.get(f.name, " ").replace("%", "%%")  # argparse formats help with %
+        # `x: float | None = None`: None means "not given, use the default from elsewhere"
+        # (rl_losses.ALGOS); the flag takes a value of the inner type
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1 and type(None) in typing.get_args(kind):
+            kind = args[0]
         if typing.get_origin(kind) is typing.Literal:  # a fixed set of values: argparse checks it
             choices = typing.get_args(kind)
             parser.add_argument(f"--{f.name}", type=type(choices[0]), choices=choices, default=f.default, help=help_text)
@@ -161,6 +167,14 @@ def all_reduce_max(t):
     return t
 
 
+def sum_over_ranks(values):
+    """{name: number or 0-d tensor} -> {name: float}, each summed over ranks in one collective
+    (a CPU tensor: the backends take it on GPU runs too, see BACKENDS)."""
+    names = list(values)
+    flat = torch.tensor([float(values[k]) for k in names], dtype=torch.float64, device="cpu")
+    return dict(zip(names, all_reduce_sum(flat).tolist()))
+
+
 def any_rank(flag):
     """True on every rank if flag is true on any rank: for a branch all ranks must take together."""
     return all_reduce_sum(torch.tensor(float(bool(flag)), device="cpu")).item() > 0
@@ -254,7 +268,9 @@ def trim_jsonl(path, last_step):
 
 def nonfinite(**values):
     """Comma-separated names of the given tensors / numbers holding a NaN or Inf ("" when none do)."""
-    return ", ".join(k for k, v in values.items() if not torch.isfinite(torch.as_tensor(v, dtype=torch.float)).all())
+    def finite(v):
+        return bool(torch.isfinite(v).all()) if torch.is_tensor(v) else math.isfinite(v)
+    return ", ".join(k for k, v in values.items() if not finite(v))
 
 
 def count_bad_step(bad, why, step, log):

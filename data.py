@@ -1,10 +1,10 @@
 """Data for nanoPRISM: the response format, the verifiable reward, and reading data files.
 
 Read top to bottom:
-  1. the three-block response format every policy answer must follow (REFERENCE section 1),
+  1. the three-block response format every policy answer must follow (docs/algorithms.md#response-format-and-reward),
   2. parsing a response into caption / think / answer, and splitting it for the discriminator,
   3. the RLVR reward: 0 for a bad format, else 0.8 * correct + 0.2,
-  4. loaders for the four file kinds of REFERENCE section 7 (SFT chats, prompts with optional
+  4. loaders for the four file kinds of docs/data-formats.md (SFT chats, prompts with optional
      teacher references, discriminator warm-up pairs), which report bad rows instead of crashing.
 Nothing here imports torch; the SFT collation section at the end does so lazily.
 """
@@ -78,7 +78,7 @@ def parse_response(text):
 def split_segments(text):
     """-> (perception, reasoning): "<caption>...</caption>" and "<think>...</think>...<answer>...
     </answer>" as written (tags included), or (None, None) when the format is invalid. The
-    discriminator scores the two separately (REFERENCE section 3)."""
+    discriminator scores the two separately (docs/algorithms.md#discriminator-scores)."""
     loc = _locate(text) if isinstance(text, str) else None
     if loc is None:
         return None, None
@@ -93,7 +93,7 @@ def split_segments(text):
 
 
 def reward(response, ground_truth):
-    """RLVR reward of REFERENCE section 1 -> dict(score, acc, format), all floats.
+    """RLVR reward of docs/algorithms.md#response-format-and-reward -> dict(score, acc, format), all floats.
     Invalid format: 0. Valid: 0.8 * acc + 0.2, where acc = 1 if the <answer> (stripped) matches
     the truth; an empty answer or one of MAX_ANSWER_CHARS or more never does."""
     parsed = parse_response(response)
@@ -104,7 +104,7 @@ def reward(response, ground_truth):
 
 
 # ---- reading files ----
-# Real data is messy (REFERENCE 7): unreadable images, null ground truths, mismatched <image>
+# Real data is messy (docs/data-formats.md#bad-rows): unreadable images, null ground truths, mismatched <image>
 # placeholders. The official loaders drop such rows silently or crash mid-training; ours check every
 # row at load time (images included) and name the file, the row and the problem in one line.
 
@@ -280,7 +280,7 @@ def _image_specs(row):
 def _images(row, messages, base_dir):
     """The row's images, resolved and checked. The processor expands each <image> placeholder into
     the image's tokens, so a count mismatch would crash later as "Image features and image tokens
-    do not match" (REFERENCE 6); we catch it here and name the row."""
+    do not match" (docs/measured.md#vision-tokens-must-be-suppressed); we catch it here and name the row."""
     specs = _image_specs(row)
     n_tags = sum(m["content"].count("<image>") for m in messages)
     if n_tags != len(specs):
@@ -293,7 +293,7 @@ def _text(v):
 
 
 def load_sft(path, skip_bad_rows=False, log=print):
-    """SFT chats (LLaMA-Factory sharegpt, REFERENCE 7), "messages" or the older "conversations"
+    """SFT chats (LLaMA-Factory sharegpt, docs/data-formats.md#sft-chats), "messages" or the older "conversations"
     form -> [{"messages": [{"role", "content"}], "images": [path or bytes], "source"}]."""
     base_dir = os.path.dirname(os.path.abspath(path))
 
@@ -304,7 +304,7 @@ def load_sft(path, skip_bad_rows=False, log=print):
             messages = _chat(row["conversations"], "from", "value")
         else:
             raise ValueError("missing 'messages' (or 'conversations')")
-        # SFT trains on assistant tokens only (REFERENCE 2): without a non-empty final assistant
+        # SFT trains on assistant tokens only (docs/algorithms.md#sft): without a non-empty final assistant
         # turn the row has nothing to learn from, or a dangling user turn to learn nothing from.
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         if not answers:
@@ -367,7 +367,7 @@ def _check_segments(caption, cot, side):
 
 
 def load_prompts(path, require_teacher=False, skip_bad_rows=False, log=print):
-    """Alignment and RL prompts (verl parquet, REFERENCE 7) -> [{"messages", "images",
+    """Alignment and RL prompts (verl parquet, docs/data-formats.md#alignment-prompts) -> [{"messages", "images",
     "ground_truth" (str, or list of equivalent answers), "teacher_caption", "teacher_cot",
     "teacher_response" (None when absent), "extra_info" (dict), "source"}]. Alignment needs the
     teacher reference (require_teacher=True), RLVR does not. A plain-string prompt becomes
@@ -402,7 +402,7 @@ def load_prompts(path, require_teacher=False, skip_bad_rows=False, log=print):
 
 
 def load_pairs(path, base_dir=None, skip_bad_rows=False, log=print):
-    """Discriminator warm-up pairs (JSONL, REFERENCE 7) -> [{"prompt", "image", "teacher_caption",
+    """Discriminator warm-up pairs (JSONL, docs/data-formats.md#discriminator-warm-up-pairs) -> [{"prompt", "image", "teacher_caption",
     "teacher_cot", "student_caption", "student_cot", "source"}]. Images resolve against base_dir,
     by default the file's folder."""
     base_dir = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(path))
@@ -476,10 +476,11 @@ def collate_sft(items, pad_id):
     import torch
     T = max(len(x["input_ids"]) for x in items)
     B = len(items)
-    batch = {"input_ids": torch.full((B, T), pad_id, dtype=torch.long),  # (B, T)
-             "attention_mask": torch.zeros((B, T), dtype=torch.long),  # (B, T)
-             "labels": torch.full((B, T), -100, dtype=torch.long),  # (B, T)
-             "mm_token_type_ids": torch.zeros((B, T), dtype=torch.long)}  # (B, T)
+    cpu = dict(dtype=torch.long, device="cpu")  # the stage moves the batch to its device
+    batch = {"input_ids": torch.full((B, T), pad_id, **cpu),  # (B, T)
+             "attention_mask": torch.zeros((B, T), **cpu),  # (B, T)
+             "labels": torch.full((B, T), -100, **cpu),  # (B, T)
+             "mm_token_type_ids": torch.zeros((B, T), **cpu)}  # (B, T)
     for i, x in enumerate(items):
         n = len(x["input_ids"])
         batch["input_ids"][i, :n] = x["input_ids"]

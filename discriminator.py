@@ -1,7 +1,7 @@
 """The PRISM discriminator D: a vision-language model upcycled into a Mixture-of-Experts with a scalar
 value head, scoring how teacher-like one segment of an answer is; plus its warm-up stage.
 
-What D computes (REFERENCE.md section 3), one score per (image, prompt, segment):
+What D computes (docs/algorithms.md#discriminator-scores), one score per (image, prompt, segment):
     tokens = chat prompt (system + user turn with the image) + the segment's text, right-padded
     h      = backbone(tokens): final hidden states after the final norm                  (B, T, H)
     score  = value_head(h at the last valid token); NaN/Inf -> 0; clamped to [-10, 10]    (B,)
@@ -79,7 +79,7 @@ from sft import lr_at
 
 KINDS = ("moe", "dense", "text-only")
 ROUTINGS = ("learned", "segment")
-SCORE_CLIP = 10.0  # REFERENCE 5: score clip 10
+SCORE_CLIP = 10.0  # the paper's score clip
 
 
 # ----------------------------------------------------------------------------- the MoE layer
@@ -201,7 +201,7 @@ class Discriminator(nn.Module):
 
 
 def guard(scores):
-    """REFERENCE 3: NaN/Inf -> 0, then clamp to [-SCORE_CLIP, SCORE_CLIP] (gradient flows inside)."""
+    """NaN/Inf -> 0, then clamp to [-SCORE_CLIP, SCORE_CLIP] (gradient flows inside)."""
     return torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores)).clamp(-SCORE_CLIP, SCORE_CLIP)
 
 
@@ -226,7 +226,7 @@ def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noi
 
 def gradient_checkpointing(disc):
     """Recompute each decoder layer and vision block in backward instead of keeping its activations
-    (README, Scaling: ~35x less activation memory per token, for one more forward). Segment routing
+    (docs/distributed.md: tens of times less activation memory per token, for one more forward). Segment routing
     hands each forward its expert mask from outside the layer's inputs, which a recomputation could
     find changed by a later forward, so it is refused there."""
     if disc.cfg["routing"] == "segment":
@@ -323,7 +323,7 @@ def encode(processor, prompts, segments, text_only=False, max_segment_tokens=512
         batch["input_ids"][i, :n] = enc["input_ids"][i, :n]
         batch["input_ids"][i, n:n + len(s)] = torch.tensor(s, **cpu)
         batch["attention_mask"][i, :n + len(s)] = 1
-        if "mm_token_type_ids" in enc:  # M-RoPE needs it beside pixel_values (MEASURED.md)
+        if "mm_token_type_ids" in enc:  # M-RoPE needs it beside pixel_values (docs/measured.md)
             batch["mm_token_type_ids"][i, :n] = enc["mm_token_type_ids"][i, :n]
     for k in ("pixel_values", "image_grid_thw"):
         if k in enc:
@@ -408,7 +408,7 @@ class WarmupConfig:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     threads: int = 0  # CPU threads for torch (0 = torch's default)
-    grad_ckpt: bool = False  # gradient checkpointing (real backbones: README, Scaling)
+    grad_ckpt: bool = False  # gradient checkpointing (real backbones: docs/distributed.md)
 
 
 def build_pairs(cfg, device, log):
@@ -460,7 +460,7 @@ def pair_loss(disc, processor, pairs, aux_coef=0.01, score_reg=0.001, micro_batc
         scores, a = score(disc, processor, prompts, [p[f"teacher_{key}"] for p in pairs] +
                           [p[f"student_{key}"] for p in pairs], which, micro_batch or 2 * n)  # (2n,)
         t, s = scores[:n], scores[n:]  # (n,) teacher, (n,) student
-        # Bradley-Terry: the teacher's segment should outscore the student's (REFERENCE 3, warm-up)
+        # Bradley-Terry: the teacher's segment should outscore the student's (docs/algorithms.md#discriminator-warm-up)
         bt = rl_losses.bt_loss(t, s, torch.ones(n, dtype=torch.bool, device=t.device))
         loss, aux, reg = loss + bt, aux + a / 2, reg + scores.pow(2).mean() / 2
         differ = torch.tensor([p[f"teacher_{key}"] != p[f"student_{key}"] for p in pairs])  # (n,)
@@ -469,7 +469,7 @@ def pair_loss(disc, processor, pairs, aux_coef=0.01, score_reg=0.001, micro_batc
                        f"gap_{which}": (t - s).mean().item() if len(t) else None,
                        f"same_{which}": 1 - differ.float().mean().item(), f"load_{which}": models.unwrap(disc).stats["load"]})
     # reg = mean(t_cap^2 + s_cap^2 + t_cot^2 + s_cot^2) / 4, the score regulariser of the alignment
-    # loss (REFERENCE 3): it keeps scores off the +-10 clamp, where a pair ties with zero gradient.
+    # loss (docs/algorithms.md#discriminator-loss): it keeps scores off the +-10 clamp, where a pair ties with zero gradient.
     loss = loss + aux_coef * aux + score_reg * reg
     return loss, {"loss": loss.item(), "aux": aux.item(), "score_sq": reg.item(), **record}
 

@@ -392,6 +392,79 @@ def plot_rl_rewards(logs, path, window=20):
     _save(fig, ax, path, "RL step", "reward / accuracy", "RLVR: reward and held-out accuracy")
 
 
+# -----------------------------------------------------------------------------------------------
+# The held-out check the training stages run every --eval_every steps (align.py, rlvr.py)
+
+
+@torch.no_grad()
+def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_size=64, k=4,
+             seed=1234):
+    """Held-out numbers on prompt rows, split over ranks and summed (all_reduce), plus three samples:
+      val_acc     greedy pass@1 accuracy (reproducible, the usual headline)
+      val_acc_k   mean accuracy of k samples at temperature 1 (what RL optimises; 0 = skip)
+      val_format  format-valid rate (greedy), val_len mean greedy response length in tokens
+    Sampling runs under its own seed inside fork_rng, so evaluating never shifts the training RNG
+    stream (a resumed run stays bitwise equal). The model is unwrapped (no DDP collectives)."""
+    mine = rows[rank::world]
+    responses = models.generate(model, processor, mine, max_new_tokens, batch_size)
+    rewards = [data.reward(x, row["ground_truth"]) for x, row in zip(responses, mine)]
+    lengths = [len(processor.tokenizer(x)["input_ids"]) for x in responses]
+    sampled = []
+    if k:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + rank)
+            per_call = max(1, batch_size // k)
+            for i in range(0, len(mine), per_call):
+                r = rollout.sample(model, processor, mine[i:i + per_call], k, max_new_tokens)
+                sampled += [data.reward(t, r.rows[g]["ground_truth"])["acc"]
+                            for t, g in zip(r.texts, r.group.tolist())]
+    sums = common.sum_over_ranks({
+        "acc": sum(x["acc"] for x in rewards),
+        "format": sum(x["format"] for x in rewards),
+        "length": sum(lengths),
+        "rows": len(rewards),
+        "sampled_acc": sum(sampled),
+        "sampled": len(sampled),
+    })
+    samples = [{"prompt": row["messages"][-1]["content"], "response": x,
+                "ground_truth": row["ground_truth"], **rw}
+               for x, row, rw in list(zip(responses, mine, rewards))[:3]]
+    out = {"val_acc": sums["acc"] / sums["rows"], "val_format": sums["format"] / sums["rows"],
+           "val_len": sums["length"] / sums["rows"]}
+    if k:
+        out["val_acc_k"] = sums["sampled_acc"] / sums["sampled"]
+    return out, samples
+
+
+def evaluate_into(record, step, cfg, model, processor, val_rows, rank, world):
+    """At an evaluation step (0, every cfg.eval_every steps, and the last; never without val_rows)
+    add the held-out numbers to this step's record, and print the record on rank 0."""
+    due = step == 0 or (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+    if not val_rows or not due:
+        return
+    scores, _ = held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens,
+                         cfg.eval_batch_size, cfg.eval_k)
+    record.update({k: round(v, 4) for k, v in scores.items()})
+    if rank == 0:
+        from tqdm import tqdm
+        tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+
+
+def start_end_table(metrics_path, record, where, label):
+    """The markdown table a stage prints at the end: held-out numbers at step 0 (the first line of
+    metrics.jsonl) and now (record); empty when the run never evaluated."""
+    if "val_acc" not in record:
+        return ""
+    with open(metrics_path) as f:
+        start = json.loads(f.readline())
+    rows = [("format-valid rate", "val_format"), ("answer accuracy (greedy pass@1)", "val_acc"),
+            ("answer accuracy (mean of k samples, T=1)", "val_acc_k")]
+    lines = [f"\n| held-out ({where}) | start | {label} |", "|---|---|---|"]
+    lines += [f"| {name} | {start.get(k, float('nan')):.3f} | {record[k]:.3f} |"
+              for name, k in rows if k in record]
+    return "\n".join(lines)
+
+
 def parse_named(spec):
     """'a=x,b->c=y' -> {'a': 'x', 'b->c': 'y'}; an item without a name is named by its path."""
     out = {}

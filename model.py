@@ -16,7 +16,7 @@ Data parallelism: wrap_distributed (DDP, or FSDP2 with `gathered` for generation
 full_state_dict / optimizer_state for checkpoints). Adapters: `python model.py merge --adapter A
 --out B` folds a LoRA / QLoRA adapter into a full checkpoint (merge_adapter, at the end).
 
-Facts this file relies on (measured, see ../shared/MEASURED.md):
+Facts this file relies on (measured: docs/measured.md):
 - torchvision from PyPI does not import beside torch 2.13, and without it the stock Qwen3VLProcessor
   cannot be built (it wants a video processor). We never use video, so `ImageProcessor` below is an
   image-only subclass, and every processor is loaded through `load_processor`.
@@ -47,7 +47,7 @@ HUB_ALIASES = {
     "Qwen3-VL-8B": "Qwen/Qwen3-VL-8B-Instruct",
 }
 
-# The embedded presets. `tiny` is the shape that learned the counting task best in MEASURED.md
+# The embedded presets. `tiny` is the shape that learned the counting task best in docs/measured.md#what-a-tiny-model-learns-on-2-cores
 # (text 128 wide x 2 layers, vision 64 wide x 2 blocks, 8 px patches): 96 px images become 12x12
 # patches, merged 2x2 into 36 image tokens. `small` (~5M parameters) is for the longer reproduction.
 PRESETS = {

@@ -13,13 +13,13 @@ accuracy, mean accuracy of 4 samples, perception accuracy and drift (MMD^2); and
 paired differences, aligned arm minus SFT arm after the same RL algorithm, seed by seed.
 
 Settings are the stage scripts' defaults (fixed before any test-split number was seen), with one
-change for the bigger policy: SFT lr 1e-3 (MEASURED.md: the 4.5M model learned best there).
+change for the bigger policy: SFT lr 1e-3 (docs/measured.md: the 4.5M model learned best there).
 `make reproduce-tiny` runs the same grid on the demo's tiny preset with the demo's settings.
 A stage whose output folder already holds `final` (or results.json) is skipped, so a killed
 reproduction continues where it stopped when run again; seeds are independent, so several
 `--seeds N` processes can share a machine and a last run over all seeds writes the summary.
 
-    python reproduce.py                       # 3 seeds (hours on a 2-core CPU; see README)
+    python reproduce.py                       # 3 seeds (hours on a 2-core CPU; see docs/results.md)
     python reproduce.py --seeds 0 --algos grpo --kinds moe   # one seed, one cell of each kind
 """
 import argparse

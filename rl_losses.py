@@ -1,11 +1,12 @@
 """The losses of PRISM's RL stages, as pure tensor functions: no model, no globals, no I/O.
 
-What is here (REFERENCE.md sections 3 and 4):
+What is here (the formulas: docs/algorithms.md):
   - advantages:   group_advantages (GRPO / Dr.GRPO), prism_advantages (discriminator scores -> A)
   - reward shaping and filtering from DAPO: overlong_penalty, dynamic_sampling_keep
   - aggregate:    how a (B, T) per-token loss becomes one number (4 modes), micro-batch safe
-  - policy losses: grpo_loss, dapo_loss, gspo_loss, registered in the plain dict LOSSES, and
-    policy_loss(..., algo) which dispatches on it. A new loss = one function + one dict entry.
+  - policy losses: ppo_clip_loss (GRPO, DAPO, Dr. GRPO), gspo_loss, cispo_loss, one signature;
+    ALGOS, the plain table of algorithms (loss + every default); policy_loss, the micro-batch
+    loss any of them gives. A new algorithm = one function + one row of ALGOS.
   - discriminator: bt_loss (Bradley-Terry), disc_loss (the full PRISM discriminator objective)
   - kl_k3: the low-variance KL estimator (PRISM runs use no KL; it is here for experiments)
 
@@ -36,7 +37,7 @@ def _group_index(group_ids):
 
 def _group_normalise(x, group_ids, norm_std=True, eps=1e-6):
     """(x - mean_g) / (std_g + eps) per group, unbiased std (correction 1); mean_g only if not
-    norm_std. A group of size 1 uses mean 0, std 1 (REFERENCE), so a singleton keeps its raw value:
+    norm_std. A group of size 1 uses mean 0, std 1 (docs/algorithms.md#notation), so a singleton keeps its raw value:
     it has no siblings to be compared with, and its unbiased std would be 0/0."""
     inv, count = _group_index(group_ids)
     n = count.to(x.dtype)  # (G,)
@@ -69,7 +70,7 @@ def group_advantages(rewards, group_ids, norm_std=True, eps=1e-6):
 
 
 def prism_advantages(cap_scores, cot_scores, format_valid, group_ids, alpha=0.5, format_penalty=1.5, eps=1e-6):
-    """PRISM alignment advantage from the discriminator's scores (arXiv 2604.28123; REFERENCE s.3).
+    """PRISM alignment advantage from the discriminator's scores (arXiv 2604.28123; docs/algorithms.md).
 
         F_i     = 1 if rollout i is format-invalid else 0
         s_i     = min_{j valid in g} s_j - 1   for invalid i   (-1 if no rollout of g is valid)
@@ -97,7 +98,7 @@ def overlong_penalty(lengths, max_len, buffer, factor=1.0):
               = ((L_max - L_buf) - L) / L_buf * factor  if L_max - L_buf < L <= L_max
               = -factor                                if L > L_max
 
-    Within L <= L_max this equals REFERENCE's min(-(L - (L_max - L_buf)) / L_buf * factor, 0); that
+    Within L <= L_max this equals the min(-(L - (L_max - L_buf)) / L_buf * factor, 0); that
     formula has no lower bound, the paper's piecewise form (used here) stops at -factor.
     lengths (B,) int/float response lengths in tokens; buffer > 0; factor >= 0."""
     if buffer <= 0:
@@ -124,12 +125,12 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 
 
 def aggregate(loss_mat, mask, mode, max_len=None, global_tokens=None, global_seqs=None):
-    """Reduce a (B, T) loss matrix L with mask M (float or bool) to a scalar (REFERENCE s.4).
+    """Reduce a (B, T) loss matrix L with mask M (float or bool) to a scalar (docs/algorithms.md#loss-aggregation).
 
         token-mean              sum(L*M) / N_tok                              (DAPO)
         seq-mean-token-mean     sum_i [sum_t L*M / sum_t M] / N_seq           (GRPO)
         seq-mean-token-sum      sum_i [sum_t L*M] / N_seq
-        seq-mean-token-sum-norm sum(L*M) / max_len                            (Dr.GRPO)
+        seq-mean-token-sum-norm sum(L*M) / (N_seq * max_len)                  (Dr.GRPO)
 
     N_tok = valid tokens, N_seq = non-empty rows (mask sum > 0); empty rows contribute nothing.
     Micro-batches and ranks: pass the WHOLE optimizer step's N_tok as global_tokens (token-mean) or
@@ -138,17 +139,15 @@ def aggregate(loss_mat, mask, mode, max_len=None, global_tokens=None, global_seq
     averaging per-micro-batch means over-weights short answers - a classic accumulation bug). Under
     DDP, whose gradient is a mean over ranks, multiply the loss by world size or pass counts/world.
 
-    seq-mean-token-sum-norm follows REFERENCE literally: sum(L*M) / max_len, with max_len the fixed
-    generation budget (required; the padded T would change from batch to batch). It needs no global
-    count. Note: recent verl divides this by the global number of sequences too (a constant factor,
-    equivalent to a smaller learning rate); older verl matched REFERENCE.
+    seq-mean-token-sum-norm: max_len is the fixed generation budget (required; the padded T would
+    change from batch to batch), and N_seq the number of sequences, as Dr. GRPO's 1/G and verl's
+    agg_loss divide: without N_seq the loss would grow with the batch size and interact with
+    gradient clipping. Its micro-batches take global_seqs like the seq-mean modes.
     An all-empty mask gives 0 (still attached to the graph), never NaN."""
     valid = mask > 0  # (B, T) bool
     masked = torch.where(valid, loss_mat, 0.0)  # (B, T); where, not L*M: garbage (inf) in padding stays out
-    if mode == "seq-mean-token-sum-norm":
-        if max_len is None:
-            raise ValueError("seq-mean-token-sum-norm needs max_len (the fixed generation budget)")
-        return masked.sum() / max_len
+    if mode == "seq-mean-token-sum-norm" and max_len is None:
+        raise ValueError("seq-mean-token-sum-norm needs max_len (the fixed generation budget)")
     m = mask.to(loss_mat.dtype)
     if mode == "token-mean":
         denom = m.sum() if global_tokens is None else global_tokens
@@ -158,6 +157,8 @@ def aggregate(loss_mat, mask, mode, max_len=None, global_tokens=None, global_seq
         rows = masked.sum(-1) / row_tokens.clamp_min(1)  # (B,) empty rows give 0
     elif mode == "seq-mean-token-sum":
         rows = masked.sum(-1)  # (B,)
+    elif mode == "seq-mean-token-sum-norm":
+        rows = masked.sum(-1) / max_len  # (B,)
     else:
         raise ValueError(f"unknown aggregation mode {mode!r}; known: {', '.join(AGG_MODES)}")
     denom = (row_tokens > 0).sum() if global_seqs is None else global_seqs
@@ -175,7 +176,7 @@ def _nonzero(denom, like):
 
 
 def kl_k3(logp, ref_logp):
-    """Low-variance KL estimator, per token (B, T) (Schulman's "k3"; REFERENCE s.4):
+    """Low-variance KL estimator, per token (B, T) (Schulman's "k3"; docs/algorithms.md#kl-estimator):
 
         k = ref_logp - logp,   kl = exp(k) - k - 1   >= 0, = 0 iff logp == ref_logp
 
@@ -209,98 +210,138 @@ def clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip=None):
     return loss_t, took_clip
 
 
-def _finish(loss_t, took_clip, ratio, log_ratio, logp, mask, agg, max_len, global_tokens, global_seqs,
-            kl_coef, ref_logp):
-    """Shared tail of every policy loss: aggregate, optional KL term, metrics (valid-token means)."""
-    loss = aggregate(loss_t, mask, agg, max_len, global_tokens, global_seqs)
+# Every policy loss has one signature:
+#     loss_fn(logp, old_logp, advantages, mask, algo) -> (loss_t (B, T), clipped (B, T) bool,
+#                                                        ratio (B, T))
+# logp (B, T) carries the gradient; old_logp (B, T) and advantages (B,) are constants; algo is the
+# algorithm's row of ALGOS below (a dict), so a loss reads its own knobs (algo["eps_high"], ...).
+# policy_loss() does the rest for every loss alike: aggregation, the optional KL term, metrics.
+
+
+def ppo_clip_loss(logp, old_logp, advantages, mask, algo):
+    """Token-level clipped ratio (GRPO arXiv 2402.03300, DAPO 2503.14476, Dr. GRPO 2503.20783):
+
+        rho_t  = exp(clamp(logp_t - old_logp_t, -20, 20))
+        loss_t = clipped_surrogate(rho_t, A_i, eps_low, eps_high, dual_clip)
+
+    Dual clip (c = 3) is verl's default, not part of these papers; algo["dual_clip"] None = off."""
+    log_ratio = (logp - old_logp.detach()).clamp(-20, 20)  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    loss_t, clipped = clipped_surrogate(ratio, advantages, algo["eps_low"], algo["eps_high"],
+                                        algo["dual_clip"])
+    return loss_t, clipped, ratio
+
+
+def gspo_loss(logp, old_logp, advantages, mask, algo):
+    """GSPO: one ratio per sequence (arXiv 2507.18071).
+
+        log s_i = clamp(mean_{t valid} (logp_t - old_logp_t), -20, 20)     (geometric mean ratio)
+        rho_t   = exp(sg[log s_i] + logp_t - sg[logp_t])                     (sg = stop-gradient)
+        loss_t  = max(-A_i * rho_t, -A_i * clip(rho_t, 1 - eps_low, 1 + eps_high)), no dual clip
+
+    rho_t's value is s_i for every token of sequence i (so a whole sequence clips or not together),
+    and d rho_t / d logp_t = s_i: with seq-mean-token-mean the gradient is exactly GSPO's
+    -A_i * s_i * (1/|y_i|) sum_t grad logp_t, averaged over sequences. The clip range (3e-4 / 4e-4)
+    is tiny because a length-normalised sequence ratio moves much less than token ratios."""
+    valid = mask > 0  # (B, T)
+    token_log_ratio = (logp - old_logp.detach()).clamp(-20, 20)  # (B, T)
+    n_tok = valid.sum(-1).clamp_min(1)  # (B,)
+    log_s = torch.where(valid, token_log_ratio, 0.0).sum(-1) / n_tok  # (B,) log sequence ratio
+    log_s = log_s.clamp(-20, 20)
+    ratio = torch.exp(log_s.detach()[:, None] + logp - logp.detach())  # (B, T) value s_i, grad s_i
+    loss_t, clipped = clipped_surrogate(ratio, advantages, algo["eps_low"], algo["eps_high"], None)
+    return loss_t, clipped, ratio
+
+
+def cispo_loss(logp, old_logp, advantages, mask, algo):
+    """CISPO: clip the importance weight, not the update (MiniMax-M1, arXiv 2506.13585).
+
+        w_t    = sg[clip(rho_t, 1 - eps_low, 1 + eps_high)],  rho_t = exp(logp_t - old_logp_t)
+        loss_t = -w_t * A_i * logp_t
+
+    Unlike PPO clipping, a token whose ratio left the range keeps its gradient (scaled by the
+    clipped weight), so rare tokens are never dropped from the update. The paper sets no lower
+    bound (eps_low 1: weights down to 0) and tunes eps_high; 0.28 is our choice, the paper does
+    not state its value. Aggregated with token-mean over the whole step, as in the paper."""
+    ratio = torch.exp((logp - old_logp.detach()).clamp(-20, 20))  # (B, T)
+    weight = ratio.clamp(1 - algo["eps_low"], 1 + algo["eps_high"]).detach()  # (B, T)
+    loss_t = -weight * advantages.detach()[:, None] * logp  # (B, T)
+    return loss_t, weight != ratio.detach(), ratio
+
+
+# The algorithms, one row each, every default visible. A new algorithm is one loss function above
+# (the signature in the comment before ppo_clip_loss) and one row here; --algo NAME then works in
+# rlvr.py and align.py, and any knob can be overridden from their command lines.
+#   loss              the per-token loss function
+#   norm_std          advantages divided by the group's std (False: Dr. GRPO's mean-only)
+#   agg               aggregation of the (B, T) loss matrix (see aggregate)
+#   eps_low/eps_high  clip range below / above 1
+#   dual_clip         bound on the loss of negative-advantage tokens (None = off)
+#   dynamic_sampling  drop groups whose rollouts all score the same, and sample more (DAPO)
+#   overlong_buffer   DAPO's soft length penalty over the last fraction of the budget (0 = off)
+ALGOS = {
+    "grpo": dict(loss=ppo_clip_loss, norm_std=True, agg="seq-mean-token-mean", eps_low=0.2,
+                 eps_high=0.2, dual_clip=3.0, dynamic_sampling=False, overlong_buffer=0.0),
+    "dapo": dict(loss=ppo_clip_loss, norm_std=True, agg="token-mean", eps_low=0.2,
+                 eps_high=0.28, dual_clip=3.0, dynamic_sampling=True, overlong_buffer=0.25),
+    "gspo": dict(loss=gspo_loss, norm_std=True, agg="seq-mean-token-mean", eps_low=3e-4,
+                 eps_high=4e-4, dual_clip=None, dynamic_sampling=False, overlong_buffer=0.0),
+    "drgrpo": dict(loss=ppo_clip_loss, norm_std=False, agg="seq-mean-token-sum-norm",
+                   eps_low=0.2, eps_high=0.2, dual_clip=3.0, dynamic_sampling=False,
+                   overlong_buffer=0.0),
+    "cispo": dict(loss=cispo_loss, norm_std=True, agg="token-mean", eps_low=1.0, eps_high=0.28,
+                  dual_clip=None, dynamic_sampling=False, overlong_buffer=0.0),
+}
+
+
+def algo(name, **overrides):
+    """ALGOS[name] (plus its name) with some knobs replaced, e.g. algo("dapo", eps_high=0.3).
+    Unknown names and knobs are errors, so a typo never silently trains the default."""
+    if name not in ALGOS:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(ALGOS)}")
+    unknown = set(overrides) - set(ALGOS[name])
+    if unknown:
+        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; "
+                         f"it has: {', '.join(ALGOS[name])}")
+    return dict(ALGOS[name], name=name, **overrides)
+
+
+def policy_loss(logp, old_logp, advantages, mask, algo, budget=None, step_tokens=None,
+                step_seqs=None, kl_coef=0.0, ref_logp=None):
+    """The loss of one micro-batch -> (loss, metrics of python floats).
+
+        loss_t = algo["loss"](logp, old_logp, advantages, mask, algo)              (B, T)
+        loss   = aggregate(loss_t, mask, algo["agg"], budget, step_tokens, step_seqs)
+                 [+ kl_coef * aggregate(kl_k3(logp, ref_logp), same)]
+
+    budget: the fixed generation budget (seq-mean-token-sum-norm divides by it); step_tokens /
+    step_seqs: the whole optimizer step's valid-token and sequence counts over all ranks, so that
+    the micro-batches' losses add up to the step's (see aggregate). Shapes: logp, old_logp, mask
+    (B, T); advantages (B,). PRISM uses kl_coef 0."""
+    loss_t, clipped, ratio = algo["loss"](logp, old_logp, advantages, mask, algo)  # (B, T) each
+    agg = (algo["agg"], budget, step_tokens, step_seqs)
+    loss = aggregate(loss_t, mask, *agg)
     valid = mask > 0  # (B, T)
     n = max(int(valid.sum()), 1)
 
     def vmean(x):
         return float(torch.where(valid, x.detach().float(), 0.0).sum()) / n
 
+    log_ratio = (logp - old_logp).detach().clamp(-20, 20)  # (B, T)
     metrics = {
-        "clip_frac": vmean(took_clip),
+        "clip_frac": vmean(clipped),
         "ratio_mean": vmean(ratio),
         "ratio_max": float(ratio.detach()[valid].max()) if valid.any() else 0.0,
-        # k3 estimate of KL(pi_old || pi) on samples from pi_old: (rho - 1) - log rho >= 0 per token
+        # k3 estimate of KL(pi_old || pi) on samples from pi_old: (rho - 1) - log rho >= 0
         "approx_kl": vmean(torch.exp(log_ratio) - 1 - log_ratio),
     }
     if kl_coef > 0:
         if ref_logp is None:
             raise ValueError("kl_coef > 0 needs ref_logp (log-probs of the reference model)")
         kl_t = kl_k3(logp, ref_logp.detach())  # (B, T)
-        loss = loss + kl_coef * aggregate(kl_t, mask, agg, max_len, global_tokens, global_seqs)
+        loss = loss + kl_coef * aggregate(kl_t, mask, *agg)
         metrics["kl"] = vmean(kl_t)
     return loss, metrics
-
-
-def grpo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.2, dual_clip=3.0,
-              agg="seq-mean-token-mean", max_len=None, global_tokens=None, global_seqs=None,
-              kl_coef=0.0, ref_logp=None):
-    """GRPO clipped policy-gradient loss (arXiv 2402.03300) -> (loss, metrics).
-
-        rho_t = exp(clamp(logp_t - old_logp_t, -20, 20))
-        loss_t = clipped_surrogate(rho_t, A_i, eps 0.2 / 0.2, dual clip c = 3)
-        loss = aggregate(loss_t, mask, "seq-mean-token-mean") [+ kl_coef * aggregate(kl_k3)]
-
-    Dual clip (arXiv 1912.09729) is verl's default, not the GRPO paper's; dual_clip=None turns it off.
-    logp (B, T) with grad; old_logp (B, T); advantages (B,); mask (B, T). PRISM: kl_coef = 0."""
-    log_ratio = (logp - old_logp.detach()).clamp(-20, 20)  # (B, T)
-    ratio = torch.exp(log_ratio)
-    loss_t, took_clip = clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip)
-    return _finish(loss_t, took_clip, ratio, log_ratio, logp, mask, agg, max_len, global_tokens, global_seqs,
-                   kl_coef, ref_logp)
-
-
-def dapo_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, dual_clip=3.0,
-              agg="token-mean", max_len=None, global_tokens=None, global_seqs=None, kl_coef=0.0, ref_logp=None):
-    """DAPO loss (arXiv 2503.14476): GRPO's token surrogate with two changes ->  (loss, metrics).
-
-      - clip-higher: eps_low 0.2, eps_high 0.28, so low-probability tokens can grow more (entropy);
-      - token-mean aggregation over the whole step: long answers weigh by their token count.
-    Dual clip c = 3 (arXiv 1912.09729) is verl's default, not part of the DAPO paper (None disables).
-    DAPO's other two ingredients live outside the loss: dynamic_sampling_keep and overlong_penalty.
-    Shapes as grpo_loss."""
-    return grpo_loss(logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip, agg, max_len,
-                     global_tokens, global_seqs, kl_coef, ref_logp)
-
-
-def gspo_loss(logp, old_logp, advantages, mask, eps_low=3e-4, eps_high=4e-4, agg="seq-mean-token-mean",
-              max_len=None, global_tokens=None, global_seqs=None, kl_coef=0.0, ref_logp=None):
-    """GSPO: sequence-level ratio (arXiv 2507.18071) -> (loss, metrics).
-
-        log s_i = clamp(mean_{t valid} (logp_t - old_logp_t), -20, 20)     (geometric mean ratio)
-        rho_t   = exp(sg[log s_i] + logp_t - sg[logp_t])                     (sg = stop-gradient)
-        loss_t  = max(-A_i * rho_t, -A_i * clip(rho_t, 1 - 3e-4, 1 + 4e-4)), no dual clip
-        loss    = aggregate(loss_t, mask, "seq-mean-token-mean")
-
-    rho_t's value is s_i for every token of sequence i (so a whole sequence clips or not together),
-    and d rho_t / d logp_t = s_i: with seq-mean-token-mean the gradient is exactly GSPO's
-    -A_i * s_i * (1/|y_i|) sum_t grad logp_t, averaged over sequences. The clip range is tiny
-    because a sequence ratio is a length-normalised product and moves much less than token ratios.
-    Shapes as grpo_loss."""
-    valid = mask > 0  # (B, T)
-    token_log_ratio = (logp - old_logp.detach()).clamp(-20, 20)  # (B, T)
-    n_tok = valid.sum(-1).clamp_min(1)  # (B,)
-    log_s = torch.where(valid, token_log_ratio, 0.0).sum(-1) / n_tok  # (B,) log of the sequence ratio
-    log_s = log_s.clamp(-20, 20)
-    ratio = torch.exp(log_s.detach()[:, None] + logp - logp.detach())  # (B, T), value s_i, grad s_i
-    loss_t, took_clip = clipped_surrogate(ratio, advantages, eps_low, eps_high, None)
-    return _finish(loss_t, took_clip, ratio, token_log_ratio, logp, mask, agg, max_len, global_tokens,
-                   global_seqs, kl_coef, ref_logp)
-
-
-# The one place a policy loss is registered. Every entry takes (logp, old_logp, advantages, mask,
-# **overrides) and returns (loss, metrics dict of floats).
-LOSSES = {"grpo": grpo_loss, "dapo": dapo_loss, "gspo": gspo_loss}
-
-
-def policy_loss(logp, old_logp, advantages, mask, algo, **overrides):
-    """LOSSES[algo](logp, old_logp, advantages, mask, **overrides); an unknown override is a TypeError."""
-    if algo not in LOSSES:
-        raise ValueError(f"unknown policy loss {algo!r}; known: {', '.join(sorted(LOSSES))}")
-    return LOSSES[algo](logp, old_logp, advantages, mask, **overrides)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -313,7 +354,7 @@ def bt_loss(teacher_scores, student_scores, valid, n_valid=None):
         L = mean_{i valid} -log sigmoid(t_i - s_i)        (F.logsigmoid: stable for any gap)
 
     teacher_scores, student_scores (B,); valid (B,) bool. No valid row -> 0, still attached to the
-    graph; REFERENCE's all-invalid fallback is a different loss and lives in disc_loss. Invalid rows
+    graph; the paper's all-invalid fallback is a different loss and lives in disc_loss. Invalid rows
     are excluded with where(), so whatever score they carry cannot leak into the loss. n_valid: the
     mean's denominator when these rows are one chunk of a larger batch (default: their own count)."""
     v = valid.bool()
@@ -322,14 +363,15 @@ def bt_loss(teacher_scores, student_scores, valid, n_valid=None):
 
 
 def disc_loss(t_cap, t_cot, s_cap, s_cot, valid, reg=1e-3, fallback=0.01, any_valid=None, n_valid=None, n_rows=None):
-    """PRISM discriminator loss (arXiv 2604.28123; REFERENCE s.3) -> (loss, metrics).
+    """PRISM discriminator loss (arXiv 2604.28123;
+    docs/algorithms.md#discriminator-loss) -> (loss, metrics).
 
         L_D = BT(t_cap, s_cap) + BT(t_cot, s_cot)                   over format-valid rollouts
               + reg * mean_i(s_cap^2 + s_cot^2 + t_cap^2 + t_cot^2) / 4   over ALL rows of the batch
     and when no rollout of the step is valid (on any rank):
         L_D = fallback * (-log sigmoid(mean t_cap) - log sigmoid(mean t_cot))      (no reg term)
 
-    Readings of REFERENCE: the score regulariser's mean is not restricted to valid rows (the BT
+    Readings of the paper: the score regulariser's mean is not restricted to valid rows (the BT
     terms say mean_valid, it says mean), so it averages every row; the fallback replaces the whole
     loss, so it carries no reg term. It keeps the teacher scores moving up (and D's graph alive for
     DDP) when every rollout broke the format. any_valid is a python bool the caller computes across

@@ -36,7 +36,6 @@ would be sampled at shifted positions (tests/test_rollout.py compares against an
 Micro-batches are sized by a token budget (rows x padded length), so the same settings work for
 a 100-token toy prompt and a 2,000-token real one. Importing this module does no work.
 """
-import json
 import math
 from dataclasses import dataclass
 
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 import data
 import rl_losses
 from common import all_reduce_grads, all_reduce_sum, any_rank, clip_grad_norm
-from model import even_split, gathered, generate, hf_model, input_device, unwrap, vision_token_ids
+from model import even_split, gathered, hf_model, input_device, unwrap, vision_token_ids
 
 
 @dataclass
@@ -71,13 +70,20 @@ class Rollouts:
 
 
 def check_config(cfg, world):
-    """One-line errors for RL settings that cannot work (shared by align.py and rlvr.py)."""
+    """One-line errors for RL settings that cannot work, and the algorithm they select: the
+    --algo row of rl_losses.ALGOS with the knobs given on the command line (align.py, rlvr.py)."""
     if cfg.prompts_per_step % world:
-        raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible by the {world} ranks")
-    if cfg.algo not in rl_losses.LOSSES:
-        raise SystemExit(f"error: --algo {cfg.algo!r} is not in rl_losses.LOSSES ({', '.join(rl_losses.LOSSES)})")
+        raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible "
+                         f"by the {world} ranks")
     if cfg.group_size < 2:
-        raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts within a group)")
+        raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts "
+                         "within a group)")
+    knobs = ("eps_low", "eps_high", "agg", "dynamic_sampling", "overlong_buffer")
+    given = {k: getattr(cfg, k) for k in knobs if getattr(cfg, k, None) is not None}
+    try:
+        return rl_losses.algo(cfg.algo, **given)
+    except ValueError as e:
+        raise SystemExit(f"error: --algo: {e}")
 
 
 def prompt_order(seed, cursor, count, n):
@@ -237,13 +243,6 @@ def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p
                     next_pos=torch.cat([p[4] for p in pieces]))
 
 
-def micro_batches(indices, rollouts, token_budget):
-    """Split rollout indices into micro-batches of at most token_budget padded tokens each."""
-    width = rollouts.prompt["input_ids"].shape[1] + rollouts.ids.shape[1]
-    size = max(1, token_budget // width)
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
 def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True):
     """(b, T) log-probs of the sampled tokens of rollouts idx under `model`, with gradients when
     enabled. The same shared-prefix trick as sampling, now with gradients:
@@ -298,7 +297,7 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
 
 
 def pass_rates(model, processor, rows, n, max_new_tokens, temperature=1.0, token_budget=65536, batch=16):
-    """Estimate each prompt's pass rate from n samples (the difficulty filter of REFERENCE 4)."""
+    """Estimate each prompt's pass rate from n samples (docs/algorithms.md#difficulty-filter)."""
     rates = []
     for i in range(0, len(rows), batch):
         r = sample(model, processor, rows[i:i + batch], n, max_new_tokens, temperature, token_budget=token_budget)
@@ -310,128 +309,60 @@ def pass_rates(model, processor, rows, n, max_new_tokens, temperature=1.0, token
 
 
 # -----------------------------------------------------------------------------------------------
-# The clipped policy update and the held-out check, shared by align.py and rlvr.py
+# Bookkeeping of the policy update. The update itself (log-probs, loss, backward, step) is written
+# out in the loops of align.py and rlvr.py; these helpers keep ranks and micro-batches in step.
 
 
-def policy_update(model, optimizer, params, r, advantages, idx, *, algo, loss_kwargs, ppo_epochs=1, mini_batches=1,
-                  temperature=1.0, token_budget=65536, grad_clip=1.0, kl_coef=0.0, ref_logprobs=None):
-    """Optimizer steps on rollouts `idx` of r with per-rollout advantages (BN,) -> averaged metrics.
-
-    ppo_epochs passes over the rollouts, each split into `mini_batches` optimizer steps; only the
-    very first is on-policy (ratio 1), every later one is the clipped off-policy case. Each
-    mini-batch is cut into micro-batches of token_budget padded tokens whose losses add up to the
-    mini-batch's loss: the aggregation divides by the mini-batch's token / sequence counts summed over
-    all ranks (global_tokens / global_seqs), and the gradients are then summed over ranks, which
-    gives exactly the gradient of one big batch. Every rank must run the same number of mini-batches
-    (one gradient all_reduce each), so callers give every rank at least `mini_batches` rollouts.
-
-    NaN/Inf in a mini-batch's advantages or sampling log-probs (on any rank) skips it before the
-    forward; a NaN/Inf loss or gradient norm skips its optimizer step. Both are counted in the
-    returned "skipped_updates"; the other metrics average the optimizer steps taken (NaN if none).
-
-    ref_logprobs(idx) -> (b, T) gives the reference policy's log-probs when kl_coef > 0."""
-    logs, skipped = [], 0
+def update_batches(idx, ppo_epochs, mini_batches):
+    """The optimizer steps of one update -> [rollout indices]: ppo_epochs shuffled passes over
+    idx, each cut into exactly mini_batches pieces. The count is the same on every rank (each
+    piece ends in collectives all ranks join; chunk() could return fewer pieces: 6 rows in 4 ->
+    3). Only the very first piece is on-policy (ratio 1); later ones are the clipped off-policy
+    case. Callers give every rank at least mini_batches rollouts."""
+    steps = []
     for _ in range(ppo_epochs):
         order = idx[torch.randperm(len(idx), device="cpu")]
-        # exactly mini_batches pieces on every rank (chunk() may return fewer: 6 rows in 4 -> 3),
-        # because each one ends in collectives that all ranks must join
-        for mb in order.tensor_split(mini_batches):
-            mask = r.mask[mb]  # (b, T)
-            bad_inputs = (~torch.isfinite(advantages[mb])).sum() + (~torch.isfinite(r.logp[mb][mask > 0])).sum()
-            # global counts of this optimizer step (all_reduce: every rank holds different rollouts),
-            # and the global number of NaN/Inf inputs, so that every rank skips a bad mini-batch together
-            counts = all_reduce_sum(torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum(), bad_inputs],
-                                                 dtype=torch.float, device="cpu"))
-            if counts[2] > 0:
-                skipped += 1
-                continue
-            step_log = {}
-            # under FSDP every rank must run as many micro-batches: padding copies count 0 (even_split)
-            pieces, real = even_split(micro_batches(mb, r, token_budget))
-            for micro, keep in zip(pieces, real):
-                logp = completion_logprobs(model, r, micro, temperature)  # (b, T) with gradients
-                device = logp.device
-                extra = dict(kl_coef=kl_coef, ref_logp=ref_logprobs(micro).to(device)) if kl_coef else {}
-                loss, m = rl_losses.policy_loss(logp, r.logp[micro].to(device), advantages[micro].to(device),
-                                                r.mask[micro].to(device), algo, global_tokens=counts[0].item(),
-                                                global_seqs=counts[1].item(), **loss_kwargs, **extra)
-                if not keep:
-                    (0 * loss).backward()
-                    continue
-                loss.backward()
-                # micro-batch metrics are token-weighted so the step's numbers match one big batch
-                w = r.mask[micro].sum().item() / max(mask.sum().item(), 1.0)
-                for k, v in {"loss": loss.item(), **m}.items():
-                    step_log[k] = step_log.get(k, 0.0) + (v if k == "loss" else v * w)
-            all_reduce_grads(params)  # sum over ranks (the losses were divided by global counts)
-            grad_norm = clip_grad_norm(params, grad_clip)
-            # the gradient norm is global, the loss per rank: any_rank so that all ranks skip together
-            if any_rank(not math.isfinite(step_log["loss"])) or not torch.isfinite(grad_norm):
-                skipped += 1
-            else:
-                optimizer.step()
-                logs.append({**step_log, "grad_norm": grad_norm.item()})
-            optimizer.zero_grad(set_to_none=True)
-    if not logs:  # every optimizer step was skipped
-        return {"loss": math.nan, "grad_norm": math.nan, "skipped_updates": skipped}
-    return {**{k: sum(x[k] for x in logs) / len(logs) for k in logs[0]}, "skipped_updates": skipped}
+        steps += list(order.tensor_split(mini_batches))
+    return steps
 
 
-@torch.no_grad()
-def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_size=64, k=4, seed=1234):
-    """Held-out numbers on prompt rows, split over ranks and summed (all_reduce), plus three samples:
-      val_acc     greedy pass@1 accuracy (reproducible, the usual headline)
-      val_acc_k   mean accuracy of k samples at temperature 1 (what RL optimises; 0 = skip)
-      val_format  format-valid rate (greedy), val_len mean greedy response length in tokens
-    Sampling runs under its own seed inside fork_rng, so evaluating never shifts the training RNG
-    stream (a resumed run stays bitwise equal). The model is unwrapped (no DDP collectives)."""
-    mine = rows[rank::world]
-    responses = generate(model, processor, mine, max_new_tokens, batch_size)
-    rewards = [data.reward(x, row["ground_truth"]) for x, row in zip(responses, mine)]
-    lengths = [len(processor.tokenizer(x)["input_ids"]) for x in responses]
-    sampled = []
-    if k:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed + rank)
-            for i in range(0, len(mine), max(1, batch_size // k)):
-                r = sample(model, processor, mine[i:i + max(1, batch_size // k)], k, max_new_tokens)
-                sampled += [data.reward(t, r.rows[g]["ground_truth"])["acc"] for t, g in zip(r.texts, r.group.tolist())]
-    sums = all_reduce_sum(torch.tensor([sum(x["acc"] for x in rewards), sum(x["format"] for x in rewards),
-                                        sum(lengths), len(rewards), sum(sampled), len(sampled)],
-                                       dtype=torch.float, device="cpu"))
-    samples = [{"prompt": row["messages"][-1]["content"], "response": x, "ground_truth": row["ground_truth"], **rw}
-               for x, row, rw in list(zip(responses, mine, rewards))[:3]]
-    out = {"val_acc": (sums[0] / sums[3]).item(), "val_format": (sums[1] / sums[3]).item(),
-           "val_len": (sums[2] / sums[3]).item()}
-    if k:
-        out["val_acc_k"] = (sums[4] / sums[5]).item()
-    return out, samples
+def step_counts(r, mb, advantages):
+    """One optimizer step's (valid tokens, sequences, any NaN/Inf input) over all ranks.
+
+    The loss divides by the step's global counts (rl_losses.aggregate), so micro-batches and ranks
+    add up to one big batch; NaN/Inf advantages or sampling log-probs anywhere make every rank skip
+    the step together (all_reduce: ranks hold different rollouts)."""
+    mask = r.mask[mb]  # (b, T)
+    bad = (~torch.isfinite(advantages[mb])).sum() + (~torch.isfinite(r.logp[mb][mask > 0])).sum()
+    counts = torch.tensor([mask.sum(), (mask.sum(-1) > 0).sum(), bad], dtype=torch.float,
+                          device="cpu")
+    tokens, seqs, bad = all_reduce_sum(counts).tolist()
+    return tokens, seqs, bad > 0
 
 
-def evaluate_into(record, step, cfg, model, processor, val_rows, rank, world):
-    """At an evaluation step (0, every cfg.eval_every steps, and the last; never without val_rows) add
-    the held-out numbers to this step's record, and print the record on rank 0. Shared by align / rlvr."""
-    if not val_rows or not (step == 0 or (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-        return
-    scores, _ = held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_k)
-    record.update({k: round(v, 4) for k, v in scores.items()})
-    if rank == 0:
-        from tqdm import tqdm
-        tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+def micro_batches(indices, rollouts, token_budget):
+    """Split rollout indices into micro-batches of at most token_budget padded tokens each ->
+    [(indices, real)]. Under FSDP every rank must run as many forwards (each is a collective):
+    the lists are padded with copies of the first micro-batch, real False, whose loss the caller
+    multiplies by 0 (it must still join the backward). Single-process: all real."""
+    width = rollouts.prompt["input_ids"].shape[1] + rollouts.ids.shape[1]
+    size = max(1, token_budget // width)
+    pieces, real = even_split([indices[i:i + size] for i in range(0, len(indices), size)])
+    return list(zip(pieces, real))
 
 
-def start_end_table(metrics_path, record, where, label):
-    """The markdown table a stage prints at the end: held-out numbers at step 0 (the first line of
-    metrics.jsonl) and now (record); empty when the run never evaluated."""
-    if "val_acc" not in record:
-        return ""
-    with open(metrics_path) as f:
-        start = json.loads(f.readline())
-    rows = [("format-valid rate", "val_format"), ("answer accuracy (greedy pass@1)", "val_acc"),
-            ("answer accuracy (mean of k samples, T=1)", "val_acc_k")]
-    lines = [f"\n| held-out ({where}) | start | {label} |", "|---|---|---|"]
-    lines += [f"| {name} | {start.get(k, float('nan')):.3f} | {record[k]:.3f} |" for name, k in rows if k in record]
-    return "\n".join(lines)
+def finish_step(params, optimizer, loss, grad_clip):
+    """The end of an optimizer step -> grad norm (None if the step was skipped): sum the gradients
+    over ranks (the losses were divided by global counts; a no-op single-process, and FSDP did it
+    in backward), clip, and step unless the loss on any rank or the global norm is NaN/Inf."""
+    all_reduce_grads(params)
+    grad_norm = clip_grad_norm(params, grad_clip)
+    # the gradient norm is global, the loss per rank: any_rank so that all ranks skip together
+    ok = not any_rank(not math.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item() if ok else None
 
 
 def concat(parts):

@@ -3,7 +3,7 @@
 What it does: teaches the policy the answer format <caption>…</caption><think>…</think><answer>…
 </answer> and a first version of the task, by next-token cross-entropy on demonstration answers.
 
-The algorithm (REFERENCE.md section 2), and where we differ from the paper:
+The algorithm (docs/algorithms.md#sft), and where we differ from the paper:
   - loss = cross-entropy on assistant tokens only (system, prompt and image tokens carry label -100);
     we also train on each assistant turn's closing <|im_end|> so generation learns to stop.
   - the loss is a token mean over the whole optimizer step: every micro-batch and every rank divides
@@ -101,7 +101,8 @@ def lr_at(step, cfg):
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed, epoch, n):
     """A fresh seeded permutation of the n rows for each epoch."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen, device="cpu").tolist()
 
 
 def step_positions(step, batch_size, n, seed):
@@ -151,7 +152,7 @@ def evaluate(model, processor, val_rows, val_items, cfg, rank, world, device):
     when ranks hold different numbers of validation batches."""
     model = models.unwrap(model)
     model.eval()
-    loss_sum = torch.zeros(2)  # (summed token loss, token count)
+    loss_sum = torch.zeros(2, device="cpu")  # (summed token loss, token count)
     with models.gathered(model):  # FSDP: full weights, so uneven batch counts need no collectives
         for i in range(rank * cfg.eval_batch_size, len(val_items), world * cfg.eval_batch_size):
             batch = data.collate_sft(val_items[i:i + cfg.eval_batch_size], processor.tokenizer.pad_token_id)
@@ -160,7 +161,8 @@ def evaluate(model, processor, val_rows, val_items, cfg, rank, world, device):
     mine = val_rows[rank::world]
     responses = models.generate(model, processor, mine, cfg.max_new_tokens, cfg.eval_batch_size)
     rewards = [data.reward(r, row["ground_truth"]) for r, row in zip(responses, mine)]
-    counts = torch.tensor([sum(x["acc"] for x in rewards), sum(x["format"] for x in rewards), len(rewards)], dtype=torch.float)
+    counts = torch.tensor([sum(x["acc"] for x in rewards), sum(x["format"] for x in rewards),
+                           len(rewards)], dtype=torch.float, device="cpu")
     common.all_reduce_sum(loss_sum)  # every rank needs the global numbers to log the same line
     common.all_reduce_sum(counts)
     model.train()
@@ -246,7 +248,8 @@ def main(argv=None):
             group["lr"] = lr
         # The global token count of the step, so every micro-batch on every rank divides by the same
         # number (see the module docstring). all_reduce: ranks hold different rows.
-        n_tokens = common.all_reduce_sum(torch.tensor(sum(int((x["labels"][1:] != -100).sum()) for x in mine)))
+        n_tokens = common.all_reduce_sum(torch.tensor(
+            sum(int((x["labels"][1:] != -100).sum()) for x in mine), device="cpu"))
         loss_total = 0.0
         # under FSDP every rank must run as many micro-batches (rows over max_len make them differ):
         # padding copies of the first one count 0 (models.even_split)
@@ -268,7 +271,7 @@ def main(argv=None):
         grad_norm = common.clip_grad_norm(params, cfg.grad_clip)
         # the loss is the global token mean (all_reduce: each rank summed only its rows). It and the
         # (DDP-averaged) gradient norm are the same on every rank, so all ranks skip a NaN/Inf step together.
-        loss = common.all_reduce_sum(torch.tensor(loss_total)) / n_tokens.clamp_min(1)
+        loss = common.all_reduce_sum(torch.tensor(loss_total, device="cpu")) / n_tokens.clamp_min(1)
         why = common.nonfinite(loss=loss, grad_norm=grad_norm)
         if not why:
             optimizer.step()

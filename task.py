@@ -3,7 +3,7 @@ task.py -- the synthetic visual-reasoning task that every nanoPRISM stage trains
 
 Why synthetic? This machine cannot download datasets, and a task we generate ourselves has two things
 a student needs: the ground truth is known exactly (so perception and reasoning can be scored
-separately), and a tiny model learns it in minutes on a CPU (MEASURED.md, last section).
+separately), and a tiny model learns it in minutes on a CPU (docs/measured.md#what-a-tiny-model-learns-on-2-cores).
 
 The world: a white square image with 2-8 flat coloured shapes. Every question needs perception (what
 is in the image?) AND reasoning (count, add, subtract, compare, pick an option). Three levels:
@@ -11,7 +11,7 @@ is in the image?) AND reasoning (count, add, subtract, compare, pick an option).
   level 2: 3-5 objects, one- or two-step questions
   level 3: 5-8 objects, two-step questions (sum, difference, comparison, multiple choice)
 
-Two black-box demonstrators answer in PRISM's three-block format (REFERENCE.md section 1); only their
+Two black-box demonstrators answer in PRISM's three-block format (docs/algorithms.md#response-format-and-reward); only their
 TEXT is ever used, never logits:
   teacher_response  high fidelity: the caption lists every object, every reasoning step, right answer.
                     It plays the paper's strong teacher whose references drive alignment (stage 2).
@@ -21,7 +21,7 @@ The default SFT set is half public, half teacher, not the paper's "mostly public
 and 1,000 teacher rows the tiny model was still at chance after 900 of its 1,200 SFT steps (val
 accuracy 0.395 vs chance 0.414), while half/half reached 0.61 (sft.py defaults, seed 0).
 
-Files written to DIR (official PRISM schemas, REFERENCE.md section 7; paths inside are relative to DIR):
+Files written to DIR (official PRISM schemas, docs/data-formats.md; paths inside are relative to DIR):
   images/{split}_{i:06d}.png             one PNG per record
   sft_public.json, sft_teacher.json      LLaMA-Factory sharegpt lists                    (stage 1)
   align_prompts.parquet                  verl prompts + teacher_caption/_cot/_response   (stage 2)
@@ -236,7 +236,7 @@ def make_records(split, n, seed, image_size=96, levels=(1, 2, 3), exclude=()):
     taken, records = set(exclude), []
     while len(records) < n:
         # Levels are mixed uniformly, not as a curriculum: stage 3 later keeps the prompts whose pass
-        # rate is strictly between 0 and 1 (REFERENCE.md section 4), so it needs easy and hard ones.
+        # rate is strictly between 0 and 1 (docs/algorithms.md#difficulty-filter), so it needs easy and hard ones.
         level = rng.choice(list(levels))
         lo, hi = LEVELS[level]["objects"]
         scene = sample_scene(rng, rng.randint(lo, hi), image_size)

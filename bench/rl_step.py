@@ -1,5 +1,5 @@
 """Benchmark: seconds per RL step of rlvr.py on the embedded tiny model, the workload of the peer
-comparison in ../shared/MEASURED.md (TRL GRPOTrainer: about 0.6 s per step on this 2-core CPU).
+comparison in docs/speed.md (TRL GRPOTrainer: about 0.6 s per step on this 2-core CPU).
 
 Workload: the random-weight `tiny` Qwen3-VL (0.79M parameters), 64x64 images, fp32, 4 prompts x 8
 rollouts x up to 64 new tokens at temperature 1, GRPO, one optimizer step per batch of rollouts.

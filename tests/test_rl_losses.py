@@ -15,6 +15,12 @@ def t(*rows):
 
 
 # ----------------------------------------------------------------------------- aggregation
+def loss_of(name, logp, old_logp, advantages, mask, kl_coef=0.0, ref_logp=None, **knobs):
+    """The micro-batch loss of algorithm `name` with some of its ALGOS knobs overridden."""
+    return rl.policy_loss(logp, old_logp, advantages, mask, rl.algo(name, **knobs), budget=4,
+                          kl_coef=kl_coef, ref_logp=ref_logp)
+
+
 L = t([1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12])
 M = t([1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0])  # row 1 is empty
 # valid values: row 0 -> 1, 2 (sum 3); row 2 -> 9, 10, 11 (sum 30); 5 tokens, 2 non-empty rows
@@ -22,7 +28,7 @@ EXPECTED = {
     "token-mean": 33 / 5,  # 6.6
     "seq-mean-token-mean": (1.5 + 10) / 2,  # 5.75
     "seq-mean-token-sum": (3 + 30) / 2,  # 16.5
-    "seq-mean-token-sum-norm": 33 / 10,  # max_len 10 -> 3.3
+    "seq-mean-token-sum-norm": 33 / (2 * 10),  # 2 sequences, max_len 10 -> 1.65
 }
 
 
@@ -66,7 +72,7 @@ def test_grpo_clipping_values_gradients_and_metrics():
     # row 0, A = +1: ratio 1.5 (> 1.2: clipped, loss -1.2, no gradient), ratio 0.5 (kept, loss -0.5)
     # row 1, A = -1: ratio 0.5 (< 0.8: clipped, loss 0.8, no gradient), ratio 1.5 (kept, loss 1.5)
     logp = torch.tensor([[math.log(1.5), math.log(0.5)], [math.log(0.5), math.log(1.5)]], requires_grad=True)
-    loss, m = rl.grpo_loss(logp, torch.zeros(2, 2), t(1, -1), torch.ones(2, 2))
+    loss, m = loss_of("grpo", logp, torch.zeros(2, 2), t(1, -1), torch.ones(2, 2))
     # seq-mean-token-mean: ((-1.2 - 0.5) / 2 + (0.8 + 1.5) / 2) / 2 = (-0.85 + 1.15) / 2
     assert loss.item() == approx(0.15, abs=1e-6)
     loss.backward()
@@ -80,27 +86,27 @@ def test_grpo_clipping_values_gradients_and_metrics():
 
 def test_dapo_clip_higher():
     logp = torch.tensor([[math.log(1.25)]], requires_grad=True)  # A > 0, ratio 1.25: 1.2 < 1.25 < 1.28
-    loss, m = rl.dapo_loss(logp, torch.zeros(1, 1), t(1), torch.ones(1, 1))
+    loss, m = loss_of("dapo", logp, torch.zeros(1, 1), t(1), torch.ones(1, 1))
     assert loss.item() == approx(-1.25) and m["clip_frac"] == 0.0
-    loss, m = rl.grpo_loss(logp, torch.zeros(1, 1), t(1), torch.ones(1, 1))
+    loss, m = loss_of("grpo", logp, torch.zeros(1, 1), t(1), torch.ones(1, 1))
     assert loss.item() == approx(-1.2) and m["clip_frac"] == 1.0
 
 
 def test_dual_clip_caps_negative_advantage():
     logp = torch.tensor([[2.0]], requires_grad=True)  # ratio e^2 = 7.389, A = -1
-    loss, m = rl.grpo_loss(logp, torch.zeros(1, 1), t(-1), torch.ones(1, 1))
+    loss, m = loss_of("grpo", logp, torch.zeros(1, 1), t(-1), torch.ones(1, 1))
     assert loss.item() == approx(3.0)  # -A * c
     loss.backward()
     assert logp.grad.item() == 0.0 and m["clip_frac"] == 1.0
     logp.grad = None
-    loss, m = rl.grpo_loss(logp, torch.zeros(1, 1), t(-1), torch.ones(1, 1), dual_clip=None)
+    loss, m = loss_of("grpo", logp, torch.zeros(1, 1), t(-1), torch.ones(1, 1), dual_clip=None)
     assert loss.item() == approx(math.exp(2))
     loss.backward()
     assert logp.grad.item() == approx(math.exp(2)) and m["clip_frac"] == 0.0
 
 
 def test_huge_log_ratio_is_clamped():
-    loss, m = rl.grpo_loss(torch.tensor([[100.0]]), torch.zeros(1, 1), t(1), torch.ones(1, 1), eps_high=1e9)
+    loss, m = loss_of("grpo", torch.tensor([[100.0]]), torch.zeros(1, 1), t(1), torch.ones(1, 1), eps_high=1e9)
     assert m["ratio_max"] == approx(math.exp(20)) and math.isfinite(loss.item())
 
 
@@ -111,7 +117,7 @@ def test_gspo_sequence_ratio_and_gradient():
     old = torch.zeros(2, 3)
     logp = torch.tensor([[1e-4, -1e-4, 3e-4], [2e-4, 0.0, 5.0]], dtype=torch.float64, requires_grad=True)
     mask = t([1, 1, 1], [1, 1, 0])
-    loss, m = rl.gspo_loss(logp, old, t(1, -2), mask)
+    loss, m = loss_of("gspo", logp, old, t(1, -2), mask)
     s = math.exp(1e-4)
     assert m["ratio_mean"] == approx(s) and m["ratio_max"] == approx(s) and m["clip_frac"] == 0.0
     assert loss.item() == approx((-1 * s + 2 * s) / 2)  # every token's loss is -A_i * s_i
@@ -127,7 +133,7 @@ def test_gspo_clips_whole_sequences():
     # row 1: mean -5e-4 -> s = 0.9995 < 1 - 3e-4, A = -1: clipped
     # row 2: mean -5e-4 but A = +1: the unclipped branch is larger, kept
     logp = torch.tensor([[2e-3, 0.0], [-1e-3, 0.0], [-1e-3, 0.0]], requires_grad=True)
-    loss, m = rl.gspo_loss(logp, torch.zeros(3, 2), t(1, -1, 1), torch.ones(3, 2))
+    loss, m = loss_of("gspo", logp, torch.zeros(3, 2), t(1, -1, 1), torch.ones(3, 2))
     assert m["clip_frac"] == approx(4 / 6)
     # row losses -1.0004, +0.9997, -exp(-5e-4); seq-mean
     assert loss.item() == approx((-1.0004 + 0.9997 - math.exp(-5e-4)) / 3, abs=1e-6)
@@ -145,7 +151,7 @@ def on_policy(algo):
     torch.manual_seed(0)
     logp = (-torch.rand(4, 4)).requires_grad_()  # (B, T)
     mask = (torch.arange(4)[None] < torch.tensor(LENGTHS)[:, None]).float()  # (B, T)
-    loss, m = rl.policy_loss(logp, logp.detach(), A, mask, algo)
+    loss, m = loss_of(algo, logp, logp.detach(), A, mask)
     loss.backward()
     return loss.item(), logp.grad, mask, m
 
@@ -166,18 +172,18 @@ def test_on_policy_dapo_token_mean():
 
 
 def test_gradient_descent_raises_logp_of_positive_advantage():
-    for algo in rl.LOSSES:
+    for algo in rl.ALGOS:
         logp = torch.full((2, 2), -1.0, requires_grad=True)
-        loss, _ = rl.policy_loss(logp, logp.detach(), t(1, -1), torch.ones(2, 2), algo)
+        loss, _ = loss_of(algo, logp, logp.detach(), t(1, -1), torch.ones(2, 2))
         loss.backward()
         new = logp.detach() - 0.1 * logp.grad
         assert (new[0] > -1).all() and (new[1] < -1).all(), algo
 
 
 def test_empty_mask_policy_loss_is_zero():
-    for algo in rl.LOSSES:
+    for algo in rl.ALGOS:
         logp = torch.zeros(2, 3, requires_grad=True)
-        loss, m = rl.policy_loss(logp, torch.zeros(2, 3), t(1, -1), torch.zeros(2, 3), algo)
+        loss, m = loss_of(algo, logp, torch.zeros(2, 3), t(1, -1), torch.zeros(2, 3))
         loss.backward()
         assert loss.item() == 0.0 and all(v == 0.0 for v in m.values()), algo
 
@@ -189,29 +195,29 @@ def test_kl_term():
     assert (rl.kl_k3(torch.randn(5, 5), torch.randn(5, 5)) >= 0).all()
     logp = torch.zeros(1, 2, requires_grad=True)
     ref = torch.full((1, 2), math.log(2))
-    loss, m = rl.grpo_loss(logp, logp.detach(), t(1), torch.ones(1, 2), kl_coef=0.1, ref_logp=ref)
+    loss, m = loss_of("grpo", logp, logp.detach(), t(1), torch.ones(1, 2), kl_coef=0.1, ref_logp=ref)
     assert loss.item() == approx(-1 + 0.1 * 0.3068528) and m["kl"] == approx(0.3068528)
     with pytest.raises(ValueError, match="ref_logp"):
-        rl.grpo_loss(logp, logp.detach(), t(1), torch.ones(1, 2), kl_coef=0.1)
+        loss_of("grpo", logp, logp.detach(), t(1), torch.ones(1, 2), kl_coef=0.1)
 
 
 # ----------------------------------------------------------------------------- dispatch
-def test_policy_loss_dispatch_and_errors(monkeypatch):
+def test_algorithm_table_and_errors(monkeypatch):
     logp, old = torch.tensor([[0.1, -0.2]]), torch.zeros(1, 2)
     args = (logp, old, t(1), torch.ones(1, 2))
-    assert rl.policy_loss(*args, "dapo", eps_high=0.3)[0].item() == rl.dapo_loss(*args, eps_high=0.3)[0].item()
-    with pytest.raises(ValueError, match="dapo, grpo, gspo"):
-        rl.policy_loss(*args, "ppo")
-    with pytest.raises(TypeError):
-        rl.policy_loss(*args, "grpo", clip=0.1)
-    with pytest.raises(TypeError):
-        rl.policy_loss(*args, "gspo", dual_clip=3.0)  # GSPO has no dual clip
+    assert rl.algo("dapo", eps_high=0.3)["eps_high"] == 0.3 and rl.algo("dapo")["eps_high"] == 0.28
+    with pytest.raises(ValueError, match="grpo, dapo, gspo, drgrpo, cispo"):
+        rl.algo("ppo")
+    with pytest.raises(ValueError, match="no setting clip"):
+        rl.algo("grpo", clip=0.1)
 
-    def reinforce(logp, old_logp, advantages, mask, agg="token-mean"):
-        return rl.aggregate(-advantages[:, None] * logp, mask, agg), {}
+    # a new algorithm: one loss function with the common signature + one row of the table
+    def reinforce(logp, old_logp, advantages, mask, algo):
+        return -advantages[:, None] * logp, torch.zeros_like(mask, dtype=torch.bool), logp.exp()
 
-    monkeypatch.setitem(rl.LOSSES, "reinforce", reinforce)
-    assert rl.policy_loss(*args, "reinforce")[0].item() == approx(-(0.1 - 0.2) / 2)
+    monkeypatch.setitem(rl.ALGOS, "reinforce", dict(rl.ALGOS["grpo"], loss=reinforce,
+                                                    agg="token-mean"))
+    assert rl.policy_loss(*args, rl.algo("reinforce"))[0].item() == approx(-(0.1 - 0.2) / 2)
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -327,7 +333,30 @@ def test_on_policy_gspo_gradient_equals_grpo_gradient():
     grads = []
     for algo in ("grpo", "gspo"):
         x = logp.clone().requires_grad_(True)
-        loss, _ = rl.policy_loss(x, logp, adv, mask, algo)
+        loss, _ = loss_of(algo, x, logp, adv, mask)
         loss.backward()
         grads.append(x.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def test_on_policy_drgrpo_divides_by_sequences_and_budget():
+    # seq-mean-token-sum-norm: sum_i sum_t -A_i / (N_seq * budget), budget 4 (loss_of), 4 sequences
+    loss, grad, mask, _ = on_policy("drgrpo")
+    assert loss == approx(-(1 * 3 - 1 * 1 + 2 * 2 + 0.5 * 4) / (4 * 4))  # -0.5
+    assert torch.allclose(grad, -A[:, None] / 16 * mask, atol=1e-6)
+    assert rl.ALGOS["drgrpo"]["norm_std"] is False  # its advantage is r - mean_g (no std)
+
+
+def test_cispo_clips_the_weight_but_keeps_the_gradient():
+    # row 0, A = +1, ratio 1.5: weight clipped to 1.28, the token still gets gradient -1.28 / 2;
+    # row 1, A = -1, ratio 0.5: inside [0, 1.28], gradient +0.5 / 2 (token-mean over 2 tokens)
+    logp = torch.tensor([[math.log(1.5)], [math.log(0.5)]], requires_grad=True)
+    loss, m = loss_of("cispo", logp, torch.zeros(2, 1), t(1, -1), torch.ones(2, 1))
+    assert loss.item() == approx((-1.28 * math.log(1.5) + 0.5 * math.log(0.5)) / 2)
+    loss.backward()
+    assert logp.grad.flatten().tolist() == [approx(-0.64), approx(0.25)]
+    assert m["clip_frac"] == approx(0.5)
+    # where PPO clipping drops the same token's gradient entirely
+    logp.grad = None
+    loss_of("grpo", logp, torch.zeros(2, 1), t(1, -1), torch.ones(2, 1))[0].backward()
+    assert logp.grad.flatten().tolist() == [0.0, 0.0]

@@ -67,7 +67,8 @@ def test_logprobs_have_gradients_and_micro_batches_cover_everything(setup):
     m, processor, rows = setup
     torch.manual_seed(4)
     r = rollout.sample(m, processor, rows[:2], n=3, max_new_tokens=8)
-    chunks = rollout.micro_batches(torch.arange(len(r)), r, token_budget=2 * (r.prompt["input_ids"].shape[1] + 8))
+    budget = 2 * (r.prompt["input_ids"].shape[1] + 8)
+    chunks = [c for c, real in rollout.micro_batches(torch.arange(len(r)), r, budget) if real]
     assert torch.cat(chunks).tolist() == list(range(6)) and all(len(c) <= 2 for c in chunks)
     lp = rollout.completion_logprobs(m, r, chunks[1])
     (lp * r.mask[chunks[1]]).sum().backward()
