@@ -79,6 +79,7 @@ NF4 = 0.5 + 1 / 64 + 4 / (64 * 256)
 # logsumexp keeps, its fp32 gradient. sft (token_loss_sum): bf16 logits, fp32 copy, log_softmax's
 # output, its gradient. val (no grad): bf16 logits, fp32 copy, log_softmax's output.
 LOGIT_BYTES = {"rl": (16, 20), "sft": (14, 16), "val": (10, 12)}
+SDPA_NOTE = ", padded batches with a mask (K, V repeated per query head, a mask bias per layer)"
 
 
 @dataclass
@@ -321,7 +322,7 @@ def evaluation(c):
     """Greedy generate and held-out sampling of eval_batch_size prompts; sft's validation loss."""
     cfg, s, e = c.cfg, c.s, "evaluation"
     c.gathered(e)
-    c.kv(e, f"{cfg.eval_batch_size} prompts x ({c.P} + {c.new}) tokens", cfg.eval_batch_size)
+    c.kv(e, f"{cfg.eval_batch_size} prompt(s) x ({c.P} + {c.new}) tokens", cfg.eval_batch_size)
     c.add(e, "vision tower forward (transient)", vision_bytes(s, cfg.eval_batch_size, c.image, c.a))
     if cfg.stage == "sft":  # sft.evaluate's validation loss takes whole-sequence logits
         c.add(e, f"validation logits: {cfg.eval_batch_size} x {c.P + c.new} positions",
@@ -342,8 +343,10 @@ def sft_step(c):
     c.add(t, f"logits: {rows} x {length} positions x {s['V']:,}",
           rows * length * s["V"] * LOGIT_BYTES["sft"][c.a == 4])
     c.add(t, "vision tower forward (transient)", vision_bytes(s, rows, c.image, c.a))
-    c.notes.append(f"sft rows are prompt + response = {c.P} + {c.new} tokens, "
-                   f"--micro_batch_size {rows} per forward")
+    unmasked = "; one row: no mask" if rows == 1 else ""
+    c.notes.append(f"sft rows are prompt + response = {c.P} + {c.new} tokens (sft.py --max_len "
+                   f"{length}), {rows} per forward (--micro_batch_size{unmasked}); evaluation "
+                   f"generates {c.new} tokens (sft.py --max_new_tokens)")
 
 
 def rl_steps(c):
@@ -537,8 +540,7 @@ def estimate(cfg):
         + ("; vision tower trained" if pp["train_vision"] else "; vision tower + merger frozen"),
         f"{setup}; activations, logits and KV cache in " + ("fp32 (QLoRA: peft upcasts norms and "
                                                             "embeddings)" if c.a == 4 else "bf16")
-        + f"; attention {cfg.attn}" + (" with a padding mask (K, V repeated per query head, a "
-                                       "mask bias per layer)" if cfg.attn == "sdpa" else ""),
+        + f"; attention {cfg.attn}" + (SDPA_NOTE if cfg.attn == "sdpa" else ""),
         f"prompt {c.P} tokens incl. {c.image} image tokens (one image of --max_pixels "
         f"{cfg.max_pixels}); response {c.new} tokens",
         "optimizer: AdamW, 2 states per trained parameter; " + optimizer,
