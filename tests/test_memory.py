@@ -14,12 +14,13 @@ import model as models
 # The recipes of docs/scaling.md: (a) one 24 GB GPU, (b) and (c) 8 x 80 GB with FSDP
 ALIGN_24GB = ("--model Qwen3-VL-4B --stage align --gpus 1 --gpu_gb 24 --qlora --grad_ckpt "
               "--disc Qwen3-VL-2B --disc_4bit --disc_train lora --disc_chunk 1 --disc_grad_ckpt "
-              "--disc_micro_batch 4 --max_prompt_len 1024 --max_new_tokens 1024 --max_pixels 409600 "
-              "--token_budget 2048 --eval_batch_size 4")
-FSDP = "--model Qwen3-VL-4B --gpus 8 --gpu_gb 80 --dist fsdp --grad_ckpt --eval_batch_size 16"
-ALIGN_8X80 = (FSDP + " --stage align --disc_chunk 1 --disc_grad_ckpt --disc_micro_batch 4 --token_budget 8192")
-RLVR_8X80 = FSDP + " --stage rlvr --token_budget 10240"
-SFT_8X80 = FSDP.replace("--eval_batch_size 16", "--eval_batch_size 1") + " --stage sft --micro_batch_size 1"
+              "--disc_micro_batch 4 --max_prompt_len 1024 --max_new_tokens 1024 "
+              "--max_pixels 409600 --token_budget 2048 --eval_batch_size 4")
+FSDP = "--model Qwen3-VL-4B --gpus 8 --gpu_gb 80 --dist fsdp --grad_ckpt"
+ALIGN_8X80 = (FSDP + " --stage align --disc_chunk 1 --disc_grad_ckpt --disc_micro_batch 4 "
+              "--token_budget 8192 --eval_batch_size 16")
+RLVR_8X80 = FSDP + " --stage rlvr --token_budget 10240 --eval_batch_size 16"
+SFT_8X80 = FSDP + " --stage sft --micro_batch_size 1 --eval_batch_size 1"
 
 
 def run(capsys, flags):
@@ -37,8 +38,8 @@ def test_documented_recipes_fit(capsys, flags):
 
 def test_what_cannot_fit_says_no(capsys):
     # a full fine-tune of the 8B model on one 24 GB GPU: its bf16 weights alone take 17.5 GB
-    lines = run(capsys, "--model Qwen3-VL-8B --stage sft --gpus 1 --gpu_gb 24 --dist ddp --micro_batch_size 1 "
-                        "--grad_ckpt --eval_batch_size 1")
+    lines = run(capsys, "--model Qwen3-VL-8B --stage sft --gpus 1 --gpu_gb 24 --dist ddp "
+                        "--micro_batch_size 1 --grad_ckpt --eval_batch_size 1")
     assert lines[-1].startswith("fits: no (peak ")
 
 
@@ -64,8 +65,9 @@ def test_bad_settings_are_one_line_errors():
 
 
 def test_public_configs_give_the_published_sizes():
-    # published totals: 4B 4,437,815,808 (per-tensor counts of the released weights), 8B 8.77B, 2B 2.13B
-    for name, total in (("Qwen3-VL-4B", 4.4378e9), ("Qwen3-VL-8B", 8.77e9), ("Qwen3-VL-2B", 2.128e9)):
+    # published: 4B 4,437,815,808 (the released weights' per-tensor total), 8B 8.77B, 2B 2.13B
+    for name, total in (("Qwen3-VL-4B", 4.4378e9), ("Qwen3-VL-8B", 8.77e9),
+                        ("Qwen3-VL-2B", 2.128e9)):
         m = memory.build_meta(memory.hf_config(name)[0])
         assert sum(p.numel() for p in m.parameters()) == pytest.approx(total, rel=0.02)
     pp = memory.policy_params(memory.build_meta(memory.hf_config("Qwen3-VL-4B")[0]),
@@ -92,17 +94,18 @@ def test_meta_counts_equal_the_built_models(tiny):
     dp = memory.disc_params(memory.build_disc_meta(config, cfg), cfg)
     disc, _ = discriminator.build(tiny)
     assert dp["total"] == sum(p.numel() for p in disc.parameters())
-    assert dp["experts"] == sum(p.numel() for m in disc.moe_layers() for p in m.experts.parameters())
+    experts = [p for m in disc.moe_layers() for p in m.experts.parameters()]
+    assert dp["experts"] == sum(p.numel() for p in experts)
 
 
-def saved_bytes(layer, hidden, lm, skip):
+def saved_bytes(layer, hidden, lm, params):
     """Bytes autograd keeps for one decoder layer's backward: every saved tensor's storage once,
-    parameters and the shared inputs (rotary tables, boolean mask) excluded."""
+    the parameters and the shared inputs (rotary tables, boolean mask) excluded."""
     T = hidden.shape[1]
     pos = torch.arange(T)[None, None].expand(3, 1, T)
     cos, sin = lm.rotary_emb(hidden, pos)
     mask = torch.ones(1, 1, T, T, dtype=torch.bool).tril()
-    skip = skip | {t.untyped_storage().data_ptr() for t in (cos, sin, mask)}
+    skip = {p.untyped_storage().data_ptr() for p in list(params) + [cos, sin, mask]}
     seen = {}
 
     def pack(t):
@@ -118,14 +121,15 @@ def saved_bytes(layer, hidden, lm, skip):
 def test_layer_bytes_are_what_autograd_keeps(tiny, how):
     """The per-token formula against the saved tensors of a real decoder layer as load_model builds
     it: bf16 full fine-tune, bf16 + LoRA, and QLoRA (nf4 base, peft's fp32 stream)."""
-    pytest.importorskip("bitsandbytes") if how == "qlora" else None
-    m, _, _ = models.load_model(tiny, torch.device("cpu"), dtype="bf16", lora=how == "lora", qlora=how == "qlora")
+    if how == "qlora":
+        pytest.importorskip("bitsandbytes")
+    m, _, _ = models.load_model(tiny, torch.device("cpu"), dtype="bf16", lora=how == "lora",
+                                qlora=how == "qlora")
     lm = models.hf_model(m).model.language_model
-    a = 4 if how == "qlora" else 2
-    T = 48
-    hidden = torch.randn(1, T, lm.config.hidden_size, dtype=torch.float32 if a == 4 else torch.bfloat16,
-                         requires_grad=True)
-    got = saved_bytes(lm.layers[0], hidden, lm, {p.untyped_storage().data_ptr() for p in m.parameters()})
+    a, T = (4 if how == "qlora" else 2), 48
+    dtype = torch.float32 if a == 4 else torch.bfloat16
+    hidden = torch.randn(1, T, lm.config.hidden_size, dtype=dtype, requires_grad=True)
+    got = saved_bytes(lm.layers[0], hidden, lm, m.parameters())
     s = memory.shape(models.hf_model(m).config)
     per_q, per_k = memory.layer_bytes(s, a, train=how == "full", lora_r=16 if how != "full" else 0)
     assert got == T * per_q + T * per_k + a * T * T  # + the mask bias sdpa keeps
@@ -133,7 +137,8 @@ def test_layer_bytes_are_what_autograd_keeps(tiny, how):
 
 @pytest.mark.parametrize("trains", ["full", "experts"])
 def test_moe_layer_bytes_are_what_autograd_keeps(tiny, trains):
-    """The same for the discriminator's upcycled MoE layer (all trained; or experts + routers only)."""
+    """The same for the discriminator's upcycled MoE layer: all of it trained, or only the
+    experts, routers and value head (the frozen attention still passes gradients through)."""
     disc, _ = discriminator.build(tiny, dtype="bf16")
     if trains == "experts":
         for name, p in disc.named_parameters():
@@ -141,7 +146,7 @@ def test_moe_layer_bytes_are_what_autograd_keeps(tiny, trains):
     lm = disc.backbone.language_model
     T = 48
     hidden = torch.randn(1, T, lm.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    got = saved_bytes(lm.layers[0], hidden, lm, {p.untyped_storage().data_ptr() for p in disc.parameters()})
-    per_q, per_k = memory.layer_bytes(memory.shape(disc.backbone.config), 2, train=trains == "full",
-                                      moe=(4, 2, True, True, 0))
+    got = saved_bytes(lm.layers[0], hidden, lm, disc.parameters())
+    per_q, per_k = memory.layer_bytes(memory.shape(disc.backbone.config), 2,
+                                      train=trains == "full", moe=(4, 2, True, True, 0))
     assert got == T * per_q + T * per_k + 2 * T * T
