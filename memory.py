@@ -495,6 +495,7 @@ def estimate(cfg):
                                            seqs * (c.P + c.new) * kv_token * (1 + 1 / s["L"]))
     c.gathered = lambda phase: c.add(phase, "policy gathered in bf16 (model.gathered)",
                                      2 * pp["total"] if fsdp else 0)
+
     def trains(name):
         return not adapters and (".visual." not in name or pp["train_vision"])
     flight = in_flight(m, trains) if fsdp else 0
