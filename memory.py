@@ -198,7 +198,9 @@ def disc_params(d, cfg):
     """D's parameters by role: vision tower (frozen), experts, routers, value head; its language
     model's Linear weights (what a 4-bit D would quantise) and the LoRA experts' size."""
     named = dict(d.named_parameters())
-    pick = lambda key: numel(p for n, p in named.items() if key in n)  # noqa: E731
+
+    def pick(key):
+        return numel(p for n, p in named.items() if key in n)
     lm = linears(d, lambda n: ".language_model." in n and ".router" not in n)
     experts = [x for n, x in lm if ".experts." in n]
     return {"total": numel(named.values()), "vision": pick(".visual."), "routers": pick(".router."),
@@ -542,14 +544,17 @@ def estimate(cfg):
         f"{setup}; activations, logits and KV cache in " + ("fp32 (QLoRA: peft upcasts norms and "
                                                             "embeddings)" if c.a == 4 else "bf16")
         + f"; attention {cfg.attn}" + (SDPA_NOTE if cfg.attn == "sdpa" else ""),
-        f"prompt {c.P} tokens incl. {c.image} image tokens (one image of --max_pixels "
-        f"{cfg.max_pixels}); response {c.new} tokens",
+        (f"prompt {c.P} tokens incl. {c.image} image tokens (one image of --max_pixels "
+         f"{cfg.max_pixels}); response {c.new} tokens"),
         "optimizer: AdamW, 2 states per trained parameter; " + optimizer,
-    ] + (["FSDP in flight: the root unit's bf16 weights (gathered from forward to backward), two "
-          "layers' (one prefetched), and their bf16 gradients + fp32 reduce-scatter copies"]
-         if fsdp else []) + c.notes + [
-        f"overhead {cfg.overhead_gb:g} GB (CUDA context, workspaces) assumed; GB = 1e9 bytes; peak "
-        "= overhead + kept all run + the largest phase"]
+    ]
+    if fsdp:
+        notes.append("FSDP in flight: the root unit's bf16 weights (gathered from forward to "
+                     "backward), two layers' (one prefetched), and their bf16 gradients + fp32 "
+                     "reduce-scatter copies")
+    notes += c.notes
+    notes.append(f"overhead {cfg.overhead_gb:g} GB (CUDA context, workspaces) assumed; GB = 1e9 "
+                 "bytes; peak = overhead + kept all run + the largest phase")
     return {"rows": c.rows, "kept": kept, "phases": phases, "worst": worst, "peak": peak,
             "overhead": cfg.overhead_gb * GB, "fits": peak <= cfg.gpu_gb * GB, "policy_params": pp,
             "disc_params": c.dp, "assumptions": notes, "world": world, "fsdp": fsdp}
