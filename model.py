@@ -616,9 +616,12 @@ class MergeConfig:
 def main(argv=None):
     from common import parse_config
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory"]:  # GPU memory of a stage, computed on the meta device (memory.py)
+        import memory
+        return memory.main(argv[1:])
     if not argv or argv[0] != "merge":
         raise SystemExit("usage: python model.py merge --adapter runs/x/final --out runs/x/merged"
-                         "   (python model.py merge -h lists the flags)")
+                         " | python model.py memory --model Qwen3-VL-4B --stage align ...  (-h lists the flags)")
     cfg = parse_config(MergeConfig, argv[1:])
     print(f"merged {cfg.adapter} into {merge_adapter(cfg.adapter, cfg.out, cfg.dtype)}")
 
