@@ -90,12 +90,12 @@ class Config:
     eps_high: float | None = None  # upper clip range (ALGOS: 0.2; dapo, cispo 0.28; gspo 4e-4)
     agg: AGG | None = None  # loss aggregation (ALGOS: seq-mean-token-mean; dapo, cispo token-mean)
     # ---- the loop
-    model: str = "runs/sft/final"  # starting policy: a checkpoint, tiny | small, a Qwen3-VL alias or hub id
-    disc: str = "runs/disc_warmup/final"  # discriminator: a warm-up folder, or a backbone name to build fresh
-    disc_kind: Literal["moe", "dense", "text-only"] = "moe"  # only when --disc is a backbone name (ablations)
-    data: str = "data/tiny/align_prompts.parquet"  # prompts with teacher references (verl parquet / JSONL)
+    model: str = "runs/sft/final"  # start policy: checkpoint, tiny | small, Qwen3-VL-4B, hub id
+    disc: str = "runs/disc_warmup/final"  # D: a warm-up folder, or a backbone name (built fresh)
+    disc_kind: Literal["moe", "dense", "text-only"] = "moe"  # for a fresh D (paper's ablations)
+    data: str = "data/tiny/align_prompts.parquet"  # prompts + teacher references (parquet / JSONL)
     val_data: str = "data/tiny/val.parquet"  # held-out prompts for greedy evaluation
-    out_dir: str = "runs/align"  # checkpoints, metrics.jsonl, samples.jsonl, final policy and discriminator
+    out_dir: str = "runs/align"  # checkpoints, metrics.jsonl, samples.jsonl, final policy and D
     seed: int = 0  # seed for prompt order and sampling (each rank adds its rank)
     steps: int = 200  # alignment steps (paper: 500)
     prompts_per_step: int = 4  # prompts per step, summed over ranks (paper: 4)
@@ -117,22 +117,24 @@ class Config:
     resume: bool = False  # continue from out_dir's latest checkpoint
     stop_after: int = 0  # stop after this step without the final save, as if interrupted (0 = off)
     skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping
-    max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row (each is skipped; 0 = never)
+    max_bad_steps: int = 5  # stop after this many skipped NaN/Inf steps in a row (0 = never)
     # ---- model and system
     lora: bool = False  # policy: LoRA adapters instead of all weights
     qlora: bool = False  # policy: 4-bit base weights + LoRA (needs bitsandbytes)
     lora_r: int = 16  # LoRA rank
-    vision: Literal["auto", "frozen", "trained"] = "auto"  # auto: frozen (paper), except a never-trained random tower
+    # auto: frozen as in the paper, except a tower that was never trained (random-init presets)
+    vision: Literal["auto", "frozen", "trained"] = "auto"  # vision tower + projector
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # policy gradient checkpointing
-    token_budget: int = 32768  # padded tokens per forward (micro-batch size), also caps rollout chunks
+    token_budget: int = 32768  # padded tokens per forward (micro-batch size) and rollout chunk
     disc_micro_batch: int = 64  # sequences per discriminator forward
     disc_chunk: int = 0  # prompts whose D graphs are alive at once in D's update (0 = all; real: 1)
     disc_grad_ckpt: bool = False  # discriminator gradient checkpointing (real models: on)
-    dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2, both models)
+    dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2, both)
     cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also send metrics.jsonl there
 
 
 # ----------------------------------------------------------------------------- main
@@ -243,13 +245,14 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------- loop
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
+    write_metrics = common.metrics_writer(cfg, metrics_path, master)  # + TensorBoard / W&B
     info = common.run_info(cfg)
     from tqdm import tqdm
     if start_step == 0:  # the starting point of the held-out curve (each rank evaluates its share)
         record = {"step": 0}
         evaluate.evaluate_into(record, 0, cfg, model, processor, val_rows, rank, world)
         if master and len(record) > 1:
-            common.append_jsonl(metrics_path, record)
+            write_metrics(record)
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not master, desc="align", mininterval=1 if sys.stderr.isatty() else 30)
     record = {}
@@ -346,7 +349,8 @@ def main(argv=None):
                 skipped += 1
             else:
                 updates.append({**stats, "grad_norm": grad_norm})
-        stats = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]} if updates else {}
+        stats = ({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]} if updates
+                 else {})
         if skipped:
             skip, why = True, "policy loss or gradients"
         why = (why or "scores or advantages on another rank") if skip else ""
@@ -404,7 +408,7 @@ def main(argv=None):
         last_step = step + 1 == cfg.steps
         evaluate.evaluate_into(record, step + 1, cfg, model, processor, val_rows, rank, world)
         if master:
-            common.append_jsonl(metrics_path, record)
+            write_metrics(record)
             if cfg.samples_every and (step + 1) % cfg.samples_every == 0:
                 for i in range(0, len(r), cfg.group_size)[:2]:  # the first rollout of two groups
                     k = r.group[i]

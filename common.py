@@ -244,6 +244,49 @@ def open_logs(out_dir, start_step, master):
     return paths
 
 
+def metrics_writer(cfg, path, master):
+    """A function record -> None: the record appended to metrics.jsonl (path) and, with
+    --report_to tensorboard | wandb, the same numbers sent there (rank 0 only; lists such as the
+    router load become one series per entry). The trackers import lazily: only the one asked for
+    must be installed."""
+    kind = getattr(cfg, "report_to", "none")
+    if not master:
+        return lambda record: None
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: --report_to tensorboard needs the tensorboard package: "
+                             "pip install tensorboard")
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+    elif kind == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --report_to wandb needs the wandb package: pip install wandb")
+        # one W&B run per output folder: a resumed run continues the same curves
+        run_id = re.sub(r"[^A-Za-z0-9_-]", "-", os.path.abspath(cfg.out_dir))[-64:]
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanoprism"), id=run_id,
+                         resume="allow", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+
+    def write(record):
+        append_jsonl(path, record)
+        if kind == "none":
+            return
+        values = {}
+        for k, v in record.items():
+            items = [(f"{k}/{i}", x) for i, x in enumerate(v)] if isinstance(v, list) else [(k, v)]
+            values.update((name, x) for name, x in items
+                          if isinstance(x, (int, float)) and k != "step")
+        if kind == "tensorboard":
+            for name, x in values.items():
+                writer.add_scalar(name, x, record["step"])
+            writer.flush()
+        else:
+            run.log(values, step=record["step"])
+    return write
+
+
 def trim_jsonl(path, last_step):
     """Keep only the records of steps <= last_step: a fresh run (last_step 0) starts an empty log,
     and a resumed run drops what was logged after its checkpoint, so no step appears twice."""

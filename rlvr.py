@@ -24,9 +24,9 @@ Where we differ from the paper (PRISM's verl runs; docs/algorithms.md#reference-
   - the difficulty filter (--difficulty_filter) estimates pass rates with the starting policy and
     keeps prompts with 0 < p < 1, as the paper did with its aligned policy; off by default because
     the tiny task is small enough that most prompts qualify.
-  - "Why is my loss 0?": with --ppo_epochs 1 --mini_batches 1 (the default and PRISM's setting) every
-    ratio is exactly 1, so the loss value is about -mean(A) ~ 0 while the gradient is not. Watch
-    grad_norm, reward and val_acc instead (see rl_losses.py).
+  - "Why is my loss 0?": with --ppo_epochs 1 --mini_batches 1 (the default and PRISM's setting)
+    every ratio is exactly 1, so the loss value is about -mean(A) ~ 0 while the gradient is not.
+    Watch grad_norm, reward and val_acc instead (see rl_losses.py).
 
 Run it:
   CPU, embedded tiny model, from the SFT checkpoint (400 steps: 10.5 min measured with 3 jobs
@@ -72,11 +72,11 @@ class Config:
     eps_high: float | None = None  # upper clip range (ALGOS: 0.2; dapo, cispo 0.28; gspo 4e-4)
     agg: AGG | None = None  # loss aggregation (ALGOS: seq-mean-token-mean; dapo, cispo token-mean)
     dynamic_sampling: bool | None = None  # drop all-equal groups, sample more (ALGOS: dapo only)
-    overlong_buffer: float | None = None  # DAPO length penalty over this last fraction of the budget (0 = off)
+    overlong_buffer: float | None = None  # DAPO length penalty: last budget fraction (0 = off)
     kl_coef: float = 0.0  # KL penalty to the starting policy (PRISM: 0); k3 estimator
     # ---- the RL loop
-    model: str = "runs/sft/final"  # starting policy: a checkpoint, tiny | small, a Qwen3-VL alias or hub id
-    data: str = "data/tiny/rl_prompts.parquet"  # RL prompts (verl parquet / JSONL) with ground truths
+    model: str = "runs/sft/final"  # start policy: checkpoint, tiny | small, Qwen3-VL-4B, hub id
+    data: str = "data/tiny/rl_prompts.parquet"  # RL prompts (verl parquet / JSONL), ground truths
     val_data: str = "data/tiny/val.parquet"  # held-out prompts for greedy evaluation
     out_dir: str = "runs/rlvr"  # checkpoints, metrics.jsonl, samples.jsonl, final model
     seed: int = 0  # seed for prompt order and sampling (each rank adds its rank)
@@ -92,10 +92,10 @@ class Config:
     ppo_epochs: int = 1  # passes over each batch of rollouts (>1: off-policy, clipping matters)
     mini_batches: int = 1  # optimizer steps per pass (>1: off-policy after the first)
     max_extra_rounds: int = 3  # dynamic sampling: extra generation rounds per step to refill
-    difficulty_filter: bool = False  # keep prompts whose pass rate under the start policy is in (0, 1)
+    difficulty_filter: bool = False  # keep prompts whose pass rate at the start is in (0, 1)
     filter_samples: int = 8  # samples per prompt when estimating pass rates
     # ---- evaluation, logging, checkpoints
-    eval_every: int = 100  # held-out evaluation every this many steps (and at the end; 0 = end only)
+    eval_every: int = 100  # held-out evaluation every this many steps and at the end (0 = end only)
     eval_rows: int = 200  # held-out prompts per evaluation (0 = no held-out evaluation at all)
     eval_batch_size: int = 64  # prompts per generate call in evaluation
     eval_k: int = 4  # also sample this many answers per held-out prompt at T=1 (val_acc_k; 0 = off)
@@ -104,19 +104,21 @@ class Config:
     resume: bool = False  # continue from out_dir's latest checkpoint
     stop_after: int = 0  # stop after this step without the final save, as if interrupted (0 = off)
     skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping
-    max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row (each is skipped; 0 = never)
+    max_bad_steps: int = 5  # stop after this many skipped NaN/Inf steps in a row (0 = never)
     # ---- model and system
-    lora: bool = False  # train LoRA adapters instead of all weights (the reference policy is the base)
+    lora: bool = False  # train LoRA adapters instead of all weights (KL reference: the base)
     qlora: bool = False  # 4-bit base weights + LoRA (needs bitsandbytes)
     lora_r: int = 16  # LoRA rank
-    vision: Literal["auto", "frozen", "trained"] = "auto"  # auto: frozen (paper), except a never-trained random tower
+    # auto: frozen as in the paper, except a tower that was never trained (random-init presets)
+    vision: Literal["auto", "frozen", "trained"] = "auto"  # vision tower + projector
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # gradient checkpointing
-    token_budget: int = 32768  # padded tokens per forward (micro-batch size), also caps rollout chunks
+    token_budget: int = 32768  # padded tokens per forward (micro-batch size) and rollout chunk
     dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 sharding)
     cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also send metrics.jsonl there
 
 
 # ----------------------------------------------------------------------------- main
@@ -144,7 +146,7 @@ def main(argv=None):
     model, processor, resume_from = models.load_policy(cfg, device, log)
     reference = None
     if cfg.kl_coef > 0 and not (cfg.lora or cfg.qlora):
-        # a frozen copy of the starting policy; with LoRA the base under the adapter is the reference
+        # a frozen copy of the starting policy; with LoRA, the base under the adapter is it
         reference, _, _ = models.load_model(cfg.model, device, dtype=cfg.dtype, attn=cfg.attn,
                                             seed=cfg.seed)
         reference.requires_grad_(False).eval()
@@ -155,15 +157,17 @@ def main(argv=None):
     if cfg.difficulty_filter:
         if not os.path.exists(filter_file):
             mine = list(range(rank, len(rows), world))
-            rates = rollout.pass_rates(model, processor, [rows[i] for i in mine], cfg.filter_samples,
-                                       cfg.max_new_tokens, cfg.temperature, cfg.token_budget)
+            rates = rollout.pass_rates(model, processor, [rows[i] for i in mine],
+                                       cfg.filter_samples, cfg.max_new_tokens, cfg.temperature,
+                                       cfg.token_budget)
             every = [0.0] * len(rows)
             for i, p in zip(mine, rates):
                 every[i] = p
             # all_reduce of a dense vector: each rank estimated a different slice of the prompts
             dense = common.all_reduce_sum(torch.tensor(every, device="cpu"))
             if master:
-                common.write_json_atomic(filter_file, {"data": cfg.data, "samples": cfg.filter_samples,
+                common.write_json_atomic(filter_file, {"data": cfg.data,
+                                                       "samples": cfg.filter_samples,
                                                        "pass_rates": dense.tolist()})
             common.barrier()  # everyone reads the file rank 0 wrote
         rates = json.load(open(filter_file))["pass_rates"]
@@ -171,7 +175,8 @@ def main(argv=None):
         log(f"difficulty filter: kept {len(kept)} of {len(rows)} prompts with 0 < pass rate < 1 "
             f"({filter_file})")
         if not kept:
-            raise SystemExit("error: the difficulty filter kept no prompt (all pass rates are 0 or 1)")
+            raise SystemExit("error: the difficulty filter kept no prompt "
+                             "(all pass rates are 0 or 1)")
         rows = kept
     log(f"data: {len(rows)} RL prompts, {len(val_rows)} held-out prompts")
     # No DDP wrapper: the update calls the model in two pieces (prompt, then completions), which
@@ -243,13 +248,14 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------- loop
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
+    write_metrics = common.metrics_writer(cfg, metrics_path, master)  # + TensorBoard / W&B
     info = common.run_info(cfg)
     from tqdm import tqdm
     if start_step == 0:  # the starting point of the held-out curve (each rank evaluates its share)
         record = {"step": 0}
         evaluate.evaluate_into(record, 0, cfg, model, processor, val_rows, rank, world)
         if master and len(record) > 1:
-            common.append_jsonl(metrics_path, record)
+            write_metrics(record)
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
                disable=not master, desc=f"rlvr-{cfg.algo}",
                mininterval=1 if sys.stderr.isatty() else 30)
@@ -354,7 +360,7 @@ def main(argv=None):
         last_step = step + 1 == cfg.steps
         evaluate.evaluate_into(record, step + 1, cfg, model, processor, val_rows, rank, world)
         if master:
-            common.append_jsonl(metrics_path, record)
+            write_metrics(record)
             if cfg.samples_every and (step + 1) % cfg.samples_every == 0:
                 for i in range(0, len(r), cfg.group_size)[:2]:  # the first rollout of two groups
                     row = r.rows[r.group[i]]
@@ -385,8 +391,8 @@ def main(argv=None):
     # ---- save
     log(f"saved {common.save_final(cfg.out_dir, save_model, info)}")
     if master:
-        log(evaluate.start_end_table(metrics_path, record, f"{cfg.val_data}, {len(val_rows)} prompts",
-                                     f"after {cfg.algo}"))
+        where = f"{cfg.val_data}, {len(val_rows)} prompts"
+        log(evaluate.start_end_table(metrics_path, record, where, f"after {cfg.algo}"))
     common.finish()
 
 
