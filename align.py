@@ -131,7 +131,8 @@ class Config:
     disc_micro_batch: int = 64  # sequences per discriminator forward
     disc_chunk: int = 0  # prompts whose D graphs are alive at once in D's update (0 = all; real: 1)
     disc_grad_ckpt: bool = False  # discriminator gradient checkpointing (real models: on)
-    dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2, both)
+    # auto: under torchrun, fsdp for models of 1B+ parameters (a replica does not fit), else ddp
+    dist: Literal["auto", "ddp", "fsdp"] = "auto"  # ddp (replicas) | fsdp (FSDP2 sharding)
     cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also send metrics.jsonl there
@@ -143,7 +144,9 @@ def main(argv=None):
     # ---- distributed init (torchrun sets RANK / WORLD_SIZE; without them: one process)
     rank, world, device, log = common.start(cfg)
     master = rank == 0
-    algo = rollout.check_config(cfg, world)  # the --algo row of rl_losses.ALGOS, with overrides
+    # the --algo row of rl_losses.ALGOS with overrides, and how the groups spread over the ranks
+    algo, layout = rollout.check_config(cfg, world)
+    cfg.dist = models.pick_dist(cfg, world, log)  # --dist auto: by model size
     log(f"algorithm: {json.dumps({k: getattr(v, '__name__', v) for k, v in algo.items()})}")
     if cfg.disc_chunk < 0:
         raise SystemExit(f"error: --disc_chunk {cfg.disc_chunk}: give a number of prompts, "
@@ -165,7 +168,7 @@ def main(argv=None):
     # ---- models: the policy, and the discriminator (warmed up, or fresh from a backbone)
     model, processor, resume_from = models.load_policy(cfg, device, log)
     disc_path = os.path.join(resume_from, "discriminator") if resume_from else cfg.disc
-    disc_dtype = models.stage_dtype(cfg)  # as the policy's
+    disc_dtype = models.stage_dtype(cfg, trains_all_weights=True)  # D trains every weight
     if os.path.isdir(disc_path):
         disc, disc_processor = discriminator.load(disc_path, device, dtype=disc_dtype,
                                                   attn=cfg.attn)
@@ -210,7 +213,6 @@ def main(argv=None):
         bad["bad_steps"] = state.get("bad_steps", 0)
 
     # ----------------------------------------------------------------------------- helpers
-    per_rank = cfg.prompts_per_step // world
 
     def segments(r):
         """(valid (BN,) bool, captions, reasonings) of the rollouts; invalid ones get empty
@@ -261,9 +263,10 @@ def main(argv=None):
     for step in bar:
         t0 = time.time()
         # ---- 1. rollout: this rank's slice of the shared prompt stream (same cursor everywhere)
-        idx = rollout.prompt_order(cfg.seed, cursor, per_rank * world, len(rows))[rank::world]
-        cursor += per_rank * world
-        r = rollout.sample(model, processor, [rows[i] for i in idx], cfg.group_size,
+        order = rollout.prompt_order(cfg.seed, cursor, cfg.prompts_per_step, len(rows))
+        idx = rollout.my_prompts(order, rank, world, layout)
+        cursor += cfg.prompts_per_step
+        r = rollout.sample(model, processor, [rows[i] for i in idx], layout.rollouts,
                            cfg.max_new_tokens, cfg.temperature, token_budget=cfg.token_budget)
         t_rollout = time.time() - t0
         valid, caps, cots = segments(r)
@@ -281,8 +284,11 @@ def main(argv=None):
         t_cot, s_cot, _, stats_cot = (x.cpu() if torch.is_tensor(x) else x for x in sc["cot"])
 
         # ---- 3. advantage: perception and reasoning scores, each normalised within the group
-        advantages = rl_losses.prism_advantages(s_cap, s_cot, valid, r.group, cfg.alpha,
-                                                cfg.format_penalty)  # (BN,)
+        # (BN,); a group split over ranks is normalised with all its rollouts (all_gather)
+        advantages = rollout.global_advantages(
+            lambda cap, cot, ok, g: rl_losses.prism_advantages(cap, cot, ok.bool(), g, cfg.alpha,
+                                                               cfg.format_penalty),
+            r.group, rank, world, layout, s_cap, s_cot, valid)
         # NaN/Inf raw scores (guard() set them to 0, so the advantages look fine) or advantages
         # on any rank: neither model is updated this step (every rank skips the same collectives)
         why = ", ".join(w for w in (
@@ -298,7 +304,7 @@ def main(argv=None):
         chunk = cfg.disc_chunk if cfg.disc_chunk and any_valid else B  # the fallback needs all
         for _ in range(0 if skip else cfg.disc_steps):
             d_loss = 0.0
-            for c in range(0, B, chunk):  # every rank holds B = prompts_per_step / world prompts
+            for c in range(0, B, chunk):  # every rank holds the same number B of prompts
                 prompts = list(range(c, min(c + chunk, B)))
                 mine, sc = score(r, opened, valid, caps, cots, prompts)  # with gradients
                 (t_c, s_c, aux_c, _), (t_t, s_t, aux_t, _) = sc["cap"], sc["cot"]
@@ -410,7 +416,7 @@ def main(argv=None):
         if master:
             write_metrics(record)
             if cfg.samples_every and (step + 1) % cfg.samples_every == 0:
-                for i in range(0, len(r), cfg.group_size)[:2]:  # the first rollout of two groups
+                for i in range(0, len(r), layout.rollouts)[:2]:  # the first of two groups
                     k = r.group[i]
                     common.append_jsonl(samples_path, {
                         "step": step + 1,

@@ -167,6 +167,23 @@ def all_reduce_max(t):
     return t
 
 
+def all_gather_list(tensors):
+    """Every rank's (C, n_rank) CPU tensor -> the list of all of them, in rank order. The ranks
+    may hold different n_rank: each is padded to the largest for the all_gather and cut back.
+    Single-process: the list as given."""
+    if not is_dist():
+        return list(tensors)
+    mine = tensors[0]
+    world = torch.distributed.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device="cpu") for _ in range(world)]
+    torch.distributed.all_gather(sizes, torch.tensor([mine.shape[1]], device="cpu"))
+    most = max(int(n) for n in sizes)
+    padded = torch.nn.functional.pad(mine, (0, most - mine.shape[1]))  # (C, most)
+    out = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(out, padded)
+    return [x[:, :int(n)] for x, n in zip(out, sizes)]
+
+
 def sum_over_ranks(values):
     """{name: number or 0-d tensor} -> {name: float}, each summed over ranks in one collective
     (a CPU tensor: the backends take it on GPU runs too, see BACKENDS)."""

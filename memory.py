@@ -88,7 +88,7 @@ class MemoryConfig:
     stage: Literal["sft", "align", "rlvr"] = "rlvr"  # the stage to size
     gpus: int = 1  # GPUs in all, one process each (1 = plain python, no torchrun)
     gpu_gb: float = 80.0  # memory of one GPU in GB (1e9 bytes)
-    dist: Literal["ddp", "fsdp"] = "ddp"  # the stages' --dist (no effect on one GPU)
+    dist: Literal["auto", "ddp", "fsdp"] = "auto"  # the stages' --dist (auto: fsdp for 1B+ models)
     lora: bool = False  # policy: LoRA adapters on the language model instead of all weights
     qlora: bool = False  # policy: nf4 base weights + LoRA
     lora_r: int = 16  # LoRA rank
@@ -463,6 +463,9 @@ def estimate(cfg):
     """Everything for cfg -> dict: rows (phase, component, bytes), phase totals, kept, peak, fits,
     parameter counts, assumptions. Settings a stage refuses are one-line SystemExits."""
     world = max(1, cfg.gpus)
+    if cfg.dist == "auto":  # as model.pick_dist: shard models of 1B+ parameters under torchrun
+        n = sum(p.numel() for p in build_meta(hf_config(cfg.model)[0]).parameters())
+        cfg = dataclasses.replace(cfg, dist="fsdp" if n >= 1e9 else "ddp")
     fsdp = cfg.dist == "fsdp" and world > 1  # one GPU runs without torchrun: no wrapper at all
     if cfg.qlora and fsdp:  # as model.wrap_distributed
         raise SystemExit("error: --qlora cannot be combined with --dist fsdp (4-bit weights are "

@@ -325,11 +325,40 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
     return model, processor, path
 
 
-def stage_dtype(cfg):
-    """--dtype as a stage loads its models: FSDP keeps fp32 shards and computes in bf16
-    (wrap_distributed), so under torchrun with --dist fsdp "auto" means fp32."""
+def pick_dist(cfg, world, log=print):
+    """--dist auto -> "fsdp" or "ddp". Under torchrun, models of 1B+ parameters are sharded: a
+    full replica of a 4B policy with fp32 weights, gradients and AdamW states needs ~70 GB per
+    rank before any activation (python model.py memory), so DDP does not fit an 80 GB GPU. The
+    embedded toys and the proxy keep DDP. The count is exact, from the architecture built on the
+    meta device (memory.py), with no weights loaded."""
+    if cfg.dist != "auto" or world == 1:  # single-process runs take no wrapper at all
+        return cfg.dist if cfg.dist != "auto" else "ddp"
+    import memory
+    config, _ = memory.hf_config(cfg.model)
+    n = sum(p.numel() for p in memory.build_meta(config).parameters())
+    choice = "fsdp" if n >= 1e9 else "ddp"
+    log(f"--dist auto: {choice} ({n / 1e9:.2f}B parameters on {world} ranks)")
+    return choice
+
+
+def stage_dtype(cfg, trains_all_weights=None):
+    """--dtype as a stage loads a model it trains. AdamW on bf16 weights rounds most updates of
+    a 1e-6 learning rate away (a bf16 weight has 8 significant bits), so trained weights and
+    their optimizer states stay fp32:
+      fsdp under torchrun   fp32 shards, bf16 compute (wrap_distributed's mixed precision)
+      full fine-tuning      auto = fp32 weights and compute; an explicit bf16 is refused
+      LoRA / QLoRA          auto = bf16 base where supported (frozen), fp32 adapters (peft)
+    trains_all_weights: None = the policy's own setting (not --lora / --qlora); the
+    discriminator, always trained in full, passes True."""
     from common import is_dist
-    return "fp32" if cfg.dtype == "auto" and cfg.dist == "fsdp" and is_dist() else cfg.dtype
+    full = not (cfg.lora or cfg.qlora) if trains_all_weights is None else trains_all_weights
+    if cfg.dist == "fsdp" and is_dist():
+        return "fp32" if cfg.dtype == "auto" else cfg.dtype
+    if full and cfg.dtype == "bf16":
+        raise SystemExit("error: --dtype bf16 with full fine-tuning keeps bf16 weights and AdamW "
+                         "states, which round small updates away; use --dtype auto (fp32), "
+                         "--lora / --qlora, or --dist fsdp (fp32 shards, bf16 compute)")
+    return "fp32" if full and cfg.dtype == "auto" else cfg.dtype
 
 
 def load_policy(cfg, device, log=print):

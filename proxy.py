@@ -124,7 +124,8 @@ def _tokenizer_config():
 def build(cache_dir, seed=0):
     """Build (or reuse) the proxy folder under cache_dir -> its path. Every rank calls it at the
     same point (model.load_model); rank 0 writes while the others wait, as build_embedded."""
-    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import (Qwen2VLImageProcessorPil, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration)
 
     import task
     from common import barrier, get_rank

@@ -115,7 +115,8 @@ class Config:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # gradient checkpointing
     token_budget: int = 32768  # padded tokens per forward (micro-batch size) and rollout chunk
-    dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 sharding)
+    # auto: under torchrun, fsdp for models of 1B+ parameters (a replica does not fit), else ddp
+    dist: Literal["auto", "ddp", "fsdp"] = "auto"  # ddp (replicas) | fsdp (FSDP2 sharding)
     cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also send metrics.jsonl there
@@ -127,7 +128,9 @@ def main(argv=None):
     # ---- distributed init (torchrun sets RANK / WORLD_SIZE; without them: one process)
     rank, world, device, log = common.start(cfg)
     master = rank == 0
-    algo = rollout.check_config(cfg, world)  # the --algo row of rl_losses.ALGOS, with overrides
+    # the --algo row of rl_losses.ALGOS with overrides, and how the groups spread over the ranks
+    algo, layout = rollout.check_config(cfg, world)
+    cfg.dist = models.pick_dist(cfg, world, log)  # --dist auto: by model size
     log(f"algorithm: {json.dumps({k: getattr(v, '__name__', v) for k, v in algo.items()})}")
     buffer = int(algo["overlong_buffer"] * cfg.max_new_tokens)  # DAPO's length penalty, in tokens
 
@@ -199,7 +202,6 @@ def main(argv=None):
         bad["bad_steps"] = state.get("bad_steps", 0)
 
     # ----------------------------------------------------------------------------- helpers
-    per_rank = cfg.prompts_per_step // world
 
     def ref_logprobs(r, idx):
         """Reference policy log-probs for the KL term: the disabled adapter, or the frozen copy."""
@@ -221,13 +223,14 @@ def main(argv=None):
 
     def collect(cursor):
         """This step's rollouts on this rank -> (rollouts, kept groups, rewards, accs, formats,
-        cursor, rounds). Every round takes world * per_rank prompts from the shared stream (this
-        rank takes its slice), so the cursor stays identical on every rank."""
+        cursor, rounds). Every round takes prompts_per_step prompts from the shared stream (this
+        rank takes its share), so the cursor stays identical on every rank."""
         got, rounds = [], 0
         while True:
-            idx = rollout.prompt_order(cfg.seed, cursor, per_rank * world, len(rows))[rank::world]
-            cursor += per_rank * world
-            r = rollout.sample(model, processor, [rows[i] for i in idx], cfg.group_size,
+            order = rollout.prompt_order(cfg.seed, cursor, cfg.prompts_per_step, len(rows))
+            idx = rollout.my_prompts(order, rank, world, layout)
+            cursor += cfg.prompts_per_step
+            r = rollout.sample(model, processor, [rows[i] for i in idx], layout.rollouts,
                                cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.token_budget)
             reward, acc, fmt = rewards_of(r)
             if algo["dynamic_sampling"]:
@@ -236,10 +239,10 @@ def main(argv=None):
                 keep = torch.ones(len(r), dtype=torch.bool, device="cpu")
             got.append((r, keep, reward, acc, fmt))
             rounds += 1
-            kept_groups = sum(int(k.sum()) // cfg.group_size for _, k, *_ in got)
+            kept_groups = sum(int(k.sum()) // layout.rollouts for _, k, *_ in got)
             # all ranks do the same number of rounds (all_reduce): a round is collective-free, but
             # the update that follows is not, and the shared cursor must advance the same everywhere
-            short = common.any_rank(kept_groups < per_rank)
+            short = common.any_rank(kept_groups < layout.prompts)
             if not algo["dynamic_sampling"] or not short or rounds > cfg.max_extra_rounds:
                 return got, cursor, rounds
 
@@ -267,13 +270,16 @@ def main(argv=None):
         got, cursor, rounds = collect(cursor)
         t_rollout = time.time() - t0
         # one batch from all rounds; the kept groups come first in sampling order, and at most
-        # per_rank of them are trained on (DAPO drops the extras)
+        # layout.prompts of them are trained on (DAPO drops the extras)
         r = rollout.concat([g[0] for g in got])
         keep, reward, acc, fmt = (torch.cat([g[i] for g in got]) for i in range(1, 5))  # (BN,)
-        idx = torch.nonzero(keep).squeeze(-1)[:per_rank * cfg.group_size]  # (kept,)
+        idx = torch.nonzero(keep).squeeze(-1)[:layout.prompts * layout.rollouts]  # (kept,)
 
         # ---- 4. advantage: each rollout's reward against its group's (GRPO; Dr. GRPO: no std)
-        advantages = rl_losses.group_advantages(reward, r.group, algo["norm_std"])  # (BN,)
+        # (BN,); a group split over ranks is normalised with all its rollouts (all_gather)
+        advantages = rollout.global_advantages(
+            lambda rw, g: rl_losses.group_advantages(rw, g, algo["norm_std"]),
+            r.group, rank, world, layout, reward)
         empty = len(idx) < cfg.mini_batches
         if empty:
             # nothing informative this step: keep the collectives in step (every rank must run the
@@ -362,7 +368,7 @@ def main(argv=None):
         if master:
             write_metrics(record)
             if cfg.samples_every and (step + 1) % cfg.samples_every == 0:
-                for i in range(0, len(r), cfg.group_size)[:2]:  # the first rollout of two groups
+                for i in range(0, len(r), layout.rollouts)[:2]:  # the first of two groups
                     row = r.rows[r.group[i]]
                     common.append_jsonl(samples_path, {
                         "step": step + 1,

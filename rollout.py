@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 import data
 import rl_losses
-from common import all_reduce_grads, all_reduce_sum, any_rank, clip_grad_norm
+from common import all_gather_list, all_reduce_grads, all_reduce_sum, any_rank, clip_grad_norm
 from model import even_split, gathered, hf_model, input_device, unwrap, vision_token_ids
 
 
@@ -69,21 +69,65 @@ class Rollouts:
         return len(self.texts)
 
 
+@dataclass
+class Layout:
+    """How one step's prompts_per_step x group_size rollouts are spread over the ranks. Either
+    each rank takes whole groups (prompts_per_step a multiple of the ranks), or, with fewer
+    prompts than ranks, every group is split over split = world / prompts_per_step ranks, each
+    sampling group_size / split of its rollouts (the paper's 4 prompts x 16 on 8 GPUs: 2 ranks
+    per prompt, 8 rollouts each). A split group's advantages then need the whole group's scores:
+    global_advantages gathers them."""
+    prompts: int  # prompts this rank samples per step
+    rollouts: int  # rollouts per prompt on this rank
+    split: int  # ranks that share one group (1: groups are not split)
+
+
 def check_config(cfg, world):
-    """One-line errors for RL settings that cannot work, and the algorithm they select: the
-    --algo row of rl_losses.ALGOS with the knobs given on the command line (align.py, rlvr.py)."""
-    if cfg.prompts_per_step % world:
-        raise SystemExit(f"error: --prompts_per_step {cfg.prompts_per_step} must be divisible "
-                         f"by the {world} ranks")
+    """One-line errors for RL settings that cannot work -> (the algorithm: the --algo row of
+    rl_losses.ALGOS with the knobs given on the command line, the Layout). align.py, rlvr.py."""
     if cfg.group_size < 2:
         raise SystemExit("error: --group_size must be at least 2 (advantages compare rollouts "
                          "within a group)")
+    P, N = cfg.prompts_per_step, cfg.group_size
+    if P % world == 0:
+        layout = Layout(prompts=P // world, rollouts=N, split=1)
+    elif world % P == 0 and N % (world // P) == 0:
+        layout = Layout(prompts=1, rollouts=N // (world // P), split=world // P)
+    else:
+        raise SystemExit(f"error: --prompts_per_step {P} on {world} ranks: give a multiple of "
+                         f"{world}, or a divisor of {world} with --group_size divisible by "
+                         f"{world} / prompts_per_step (groups are then split over ranks)")
     knobs = ("eps_low", "eps_high", "agg", "dynamic_sampling", "overlong_buffer")
     given = {k: getattr(cfg, k) for k in knobs if getattr(cfg, k, None) is not None}
     try:
-        return rl_losses.algo(cfg.algo, **given)
+        algo = rl_losses.algo(cfg.algo, **given)
     except ValueError as e:
         raise SystemExit(f"error: --algo: {e}")
+    if layout.split > 1 and algo["dynamic_sampling"]:
+        raise SystemExit("error: dynamic sampling (dapo) needs whole groups on each rank: give "
+                         f"--prompts_per_step a multiple of the {world} ranks")
+    return algo, layout
+
+
+def my_prompts(order, rank, world, layout):
+    """This rank's prompts out of the step's shared order (the same list on every rank): whole
+    groups take every world-th prompt; split groups give ranks rank, rank+1, ... the same one."""
+    return order[rank // layout.split::world // layout.split]
+
+
+def global_advantages(fn, group, rank, world, layout, *values):
+    """fn(*values, group) -> (BN,) advantages, where a split group's statistics must include the
+    rollouts on the other ranks: with split groups, values and global group ids (a prompt's
+    position in the step's order) are gathered from every rank (all_gather), fn runs on the
+    whole step, and this rank's rows are returned. Whole groups: fn on this rank's rows alone."""
+    if layout.split == 1:
+        return fn(*values, group)
+    gid = rank // layout.split + group * (world // layout.split)  # (BN,) position in the order
+    parts = all_gather_list([torch.stack([gid.double(), *[v.double() for v in values]])])
+    every = torch.cat(parts, dim=1)  # (1 + len(values), all rollouts of the step)
+    start = sum(p.shape[1] for p in parts[:rank])
+    out = fn(*[every[i + 1].to(v.dtype) for i, v in enumerate(values)], every[0].long())
+    return out[start:start + len(group)]
 
 
 def prompt_order(seed, cursor, count, n):

@@ -10,8 +10,9 @@ CUDA GPU, run this before anything else and report its table:
 What a GPU run covers, each a separate process on a fresh synthetic task (images of several sizes
 in one batch), on the embedded `tiny` model and the real-vocabulary Qwen3-VL stand-in `proxy`
 (proxy.py):
-  single GPU, bf16, sdpa     sft, discriminator warm-up, align, rlvr, evaluate
-  --qlora (bitsandbytes)     sft, align, rlvr
+  single GPU, sdpa           sft, discriminator warm-up, align, rlvr, evaluate (full fine-tuning
+                             keeps fp32 weights: model.stage_dtype)
+  --lora in bf16, --qlora    sft, align, rlvr (bitsandbytes' CUDA kernels for --qlora)
   torchrun, 1 and N GPUs     --dist fsdp and --dist ddp for sft, align, rlvr (N = all GPUs)
   flash-attn                 sft, align, rlvr with --attn flash_attention_2 where the package
                              imports (otherwise one "skipped" line)
@@ -33,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_task(out):
-    """A small task whose images come in three sizes (the processor resizes each to its own grid)."""
+    """A small task whose images come in three sizes (each gets its own grid of patches)."""
     sys.path.insert(0, ROOT)
     import task
     from PIL import Image
@@ -83,21 +84,25 @@ def commands(model, data, work, setting, world):
 
 def plan(cpu, gpus):
     """[(model, setting, stage, extra flags, processes)] to run."""
+    # full fine-tuning keeps fp32 weights (model.stage_dtype): --dtype auto; bf16 compute runs
+    # with LoRA (a bf16 frozen base) and under FSDP (fp32 shards, bf16 compute)
     runs = []
-    dtype = ["--dtype", "fp32"] if cpu else ["--dtype", "bf16"]
+    dtype = ["--dtype", "fp32"] if cpu else ["--dtype", "auto"]
     for model in ["proxy"] if cpu else ["tiny", "proxy"]:
         for stage in ("sft", "warmup", "align", "rlvr", "evaluate"):
-            flags = dtype if stage != "evaluate" else []
-            runs.append((model, "one device", stage, flags + ["--attn", "sdpa"] * (stage != "evaluate"), 1))
+            flags = dtype + ["--attn", "sdpa"] if stage != "evaluate" else []
+            runs.append((model, "one device", stage, flags, 1))
     if cpu:  # the distributed path once, on gloo
         return runs + [("proxy", "torchrun 2 fsdp", "align", ["--dist", "fsdp"], 2)]
     for stage in ("sft", "align", "rlvr"):
-        runs.append(("proxy", "qlora", stage, dtype + ["--qlora"], 1))
+        runs.append(("proxy", "lora bf16", stage, ["--lora", "--dtype", "bf16"], 1))
+        runs.append(("proxy", "qlora", stage, ["--qlora"], 1))
         for n in sorted({1, gpus}):
             for dist in ("fsdp", "ddp"):
                 runs.append(("proxy", f"torchrun {n} {dist}", stage, ["--dist", dist], n))
         if importlib.util.find_spec("flash_attn"):
-            runs.append(("proxy", "flash-attn", stage, dtype + ["--attn", "flash_attention_2"], 1))
+            flags = ["--lora", "--attn", "flash_attention_2"]
+            runs.append(("proxy", "flash-attn", stage, flags, 1))
     if not importlib.util.find_spec("flash_attn"):
         print("flash-attn: skipped (the package does not import here)")
     return runs
@@ -153,7 +158,8 @@ def main(argv=None):
             failures.append((stage, setting, tail))
         print(f"{stage:9s} {model}, {setting}: {'ok' if ok else 'FAIL'} ({seconds:.0f} s)",
               flush=True)
-    print("\n| stage | setting | result | s/step | peak MB (GPU; CPU: RSS) |\n|---|---|---|---|---|")
+    print("\n| stage | setting | result | s/step | peak MB (GPU; CPU: RSS) |")
+    print("|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
     for stage, setting, tail in failures:

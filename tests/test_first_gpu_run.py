@@ -28,7 +28,8 @@ def test_left_padded_text_only_prompts_are_sampled_at_their_unpadded_positions(s
     _, m, processor, rows = setup
     short = discriminator._without_images(rows[0]) | {"ground_truth": "1"}
     long = {**short, "messages": short["messages"][:-1] + [
-        {"role": "user", "content": short["messages"][-1]["content"] + " Count twice, then answer."}]}
+        {"role": "user",
+         "content": short["messages"][-1]["content"] + " Count twice, then answer."}]}
     torch.manual_seed(3)
     r = rollout.sample(m, processor, [short, long], n=2, max_new_tokens=8)
     assert r.prompt["attention_mask"][0].min() == 0  # the short prompt is left padded
@@ -62,3 +63,18 @@ def test_align_resume_with_no_step_left_saves_and_exits(setup, tmp_path):
     with open(tmp_path / "final" / "run.json") as f:
         assert json.load(f)
     assert os.path.exists(tmp_path / "final" / "discriminator" / "model.safetensors")
+
+
+def test_trained_weights_stay_fp32_unless_sharded_or_frozen():
+    """bf16 AdamW rounds a 1e-6 update away; full fine-tuning keeps fp32 weights and states."""
+    from types import SimpleNamespace as Cfg
+    full = Cfg(dtype="auto", dist="ddp", lora=False, qlora=False)
+    assert models.stage_dtype(full) == "fp32"
+    assert models.stage_dtype(Cfg(**{**vars(full), "lora": True})) == "auto"  # bf16 base on GPU
+    lora = Cfg(**{**vars(full), "lora": True})
+    assert models.stage_dtype(lora, trains_all_weights=True) == "fp32"
+    with pytest.raises(SystemExit, match="round small updates away"):
+        models.stage_dtype(Cfg(**{**vars(full), "dtype": "bf16"}))
+    # the rounding itself: lr 1e-6 x a unit Adam step on a weight of 0.5
+    w = torch.tensor(0.5, dtype=torch.bfloat16)
+    assert (w - 1e-6) == w and torch.tensor(0.5) - 1e-6 != torch.tensor(0.5)

@@ -83,8 +83,8 @@ def test_rollout_rescoring_and_scoring_keep_every_tensor_on_the_model_device(set
         every = torch.arange(len(r), device="cpu")
         for share in (True, False):  # both re-scoring paths
             rollout.completion_logprobs(m, r, every, share_prefix=share).sum().backward()
-        scores, aux = discriminator.score(disc, disc_processor, r.rows, ["<caption>x</caption>"] * 3,
-                                          "cap")
+        captions = ["<caption>x</caption>"] * 3
+        scores, aux = discriminator.score(disc, disc_processor, r.rows, captions, "cap")
         (scores.sum() + aux).backward()
     assert r.mask.sum() > 0 and scores.shape == (3,)
 
@@ -115,7 +115,8 @@ def test_rl_stages_keep_every_tensor_on_the_model_device(stage, tmp_path, stages
     left on the default device."""
     out = write_task(tmp_path / "data", n_align=4)
     main = {"sft": sft.main, "rlvr": rlvr.main, "align": align.main}[stage]
-    argv = ["--model", "tiny", "--val_data", f"{out}/val.parquet", "--out_dir", str(tmp_path / stage),
+    argv = ["--model", "tiny", "--val_data", f"{out}/val.parquet",
+            "--out_dir", str(tmp_path / stage),
             "--steps", "1", "--prompts_per_step", "2", "--group_size", "2",
             "--max_new_tokens", "6", "--eval_rows", "2", "--eval_k", "2", "--mini_batches", "2",
             "--token_budget", "200", "--threads", "1"]

@@ -1,0 +1,70 @@
+"""The headline commands' defaults at any world size: how prompts and groups spread over ranks
+(the paper's 4 prompts x 16 rollouts on 8 GPUs splits each group over 2 ranks), --dist auto, and
+a 2-process alignment on the real-vocabulary proxy with split groups."""
+import json
+from types import SimpleNamespace as Cfg
+
+import pytest
+import torch
+
+import model as models
+import rl_losses
+import rollout
+from helpers import torchrun, write_task
+
+
+def cfg(**kw):
+    return Cfg(**{"prompts_per_step": 4, "group_size": 16, "algo": "grpo", **kw})
+
+
+def test_layouts():
+    _, layout = rollout.check_config(cfg(), 8)  # the paper's alignment batch on one node
+    assert (layout.prompts, layout.rollouts, layout.split) == (1, 8, 2)
+    _, layout = rollout.check_config(cfg(), 2)
+    assert (layout.prompts, layout.rollouts, layout.split) == (2, 16, 1)
+    order = list(range(4))
+    assert [rollout.my_prompts(order, r, 8, rollout.Layout(1, 8, 2)) for r in range(8)] == [
+        [0], [0], [1], [1], [2], [2], [3], [3]]
+    with pytest.raises(SystemExit, match="--prompts_per_step 3 on 2 ranks"):
+        rollout.check_config(cfg(prompts_per_step=3), 2)
+    with pytest.raises(SystemExit, match="dynamic sampling"):
+        rollout.check_config(cfg(algo="dapo"), 8)
+
+
+def test_split_groups_are_normalised_with_all_their_rollouts(monkeypatch):
+    """Two ranks share each of 2 prompts (2 rollouts each): every rank's advantages equal those
+    of the whole step computed in one place."""
+    layout = rollout.Layout(prompts=1, rollouts=2, split=2)
+    rewards = {0: torch.tensor([1.0, 0.0]), 1: torch.tensor([1.0, 1.0]),  # prompt 0
+               2: torch.tensor([0.0, 0.0]), 3: torch.tensor([1.0, 0.0])}  # prompt 1
+    stacked = [torch.stack([torch.full((2,), float(r // 2)), rewards[r]]).double()
+               for r in range(4)]
+    monkeypatch.setattr(rollout, "all_gather_list", lambda mine: stacked)
+    whole = rl_losses.group_advantages(torch.cat(list(rewards.values())),
+                                       torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    for rank in range(4):
+        local_group = torch.zeros(2, dtype=torch.long)  # one prompt per rank
+        got = rollout.global_advantages(rl_losses.group_advantages, local_group, rank, 4, layout,
+                                        rewards[rank])
+        assert torch.allclose(got, whole[2 * rank:2 * rank + 2]), rank
+
+
+def test_dist_auto_shards_big_models_only():
+    log = []
+    assert models.pick_dist(Cfg(dist="auto", model="Qwen3-VL-4B"), 8, log.append) == "fsdp"
+    assert "4.44B parameters" in log[0]
+    assert models.pick_dist(Cfg(dist="auto", model="tiny"), 2, log.append) == "ddp"
+    assert models.pick_dist(Cfg(dist="ddp", model="Qwen3-VL-4B"), 8) == "ddp"  # asked for
+    assert models.pick_dist(Cfg(dist="auto", model="Qwen3-VL-4B"), 1) == "ddp"  # no wrapper
+
+
+def test_two_ranks_align_the_proxy_with_split_groups(tmp_path):
+    """The headline command's shape on 2 processes: defaults except the run length, one prompt
+    per step whose group of 4 is sampled 2 + 2 by the two ranks."""
+    out = write_task(tmp_path / "data", n_align=4)
+    torchrun("align.py", "--model", "proxy", "--disc", "proxy",
+             "--data", f"{out}/align_prompts.parquet", "--out_dir", str(tmp_path / "run"),
+             "--steps", "1", "--prompts_per_step", "1", "--group_size", "4",
+             "--max_new_tokens", "8", "--eval_rows", "0", "--threads", "1")
+    records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert records[-1]["step"] == 1 and records[-1]["response_len"] > 0
