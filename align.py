@@ -128,6 +128,10 @@ class Config:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # policy gradient checkpointing
     token_budget: int = 32768  # padded tokens per forward (micro-batch size) and rollout chunk
+    # image size bounds in pixels: the official runs set none, so verl's image loading applied
+    # qwen-vl-utils' defaults, 4 to 16,384 image tokens of 32 x 32 pixels (patch 16, merge 2)
+    min_pixels: int = 4096  # smaller images are scaled up to this many pixels
+    max_pixels: int = 16777216  # larger images are scaled down to this many pixels
     disc_micro_batch: int = 64  # sequences per discriminator forward
     disc_chunk: int = 0  # prompts whose D graphs are alive at once in D's update (0 = all; real: 1)
     disc_grad_ckpt: bool = False  # discriminator gradient checkpointing (real models: on)
@@ -147,6 +151,7 @@ def main(argv=None):
     # the --algo row of rl_losses.ALGOS with overrides, and how the groups spread over the ranks
     algo, layout = rollout.check_config(cfg, world)
     cfg.dist = models.pick_dist(cfg, world, log)  # --dist auto: by model size
+    models.check_memory("align", cfg, world, device, log)  # on a GPU: fits, or which flags to add
     log(f"algorithm: {json.dumps({k: getattr(v, '__name__', v) for k, v in algo.items()})}")
     if cfg.disc_chunk < 0:
         raise SystemExit(f"error: --disc_chunk {cfg.disc_chunk}: give a number of prompts, "
@@ -180,6 +185,7 @@ def main(argv=None):
         log(f"discriminator: none warmed up, building a fresh {cfg.disc_kind} one on {disc_path}")
         disc, disc_processor = discriminator.build(disc_path, device, kind=cfg.disc_kind,
                                                    seed=cfg.seed, dtype=disc_dtype)
+    models.set_image_size(disc_processor, cfg)  # D sees the images as the policy does
     if cfg.disc_grad_ckpt:
         discriminator.gradient_checkpointing(disc)
     d_total, d_trainable = models.count_params(disc)

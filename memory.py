@@ -564,6 +564,53 @@ def estimate(cfg):
 
 
 # -----------------------------------------------------------------------------------------------
+# The check a stage runs before loading anything on a GPU
+
+
+# What to turn on, in this order, when a run does not fit: each trades time (recomputation, more
+# micro-batches) for memory, none changes what is learnt.
+FIXES = [("grad_ckpt", True, "--grad_ckpt"), ("micro_batch_size", 1, "--micro_batch_size 1"),
+         ("disc_grad_ckpt", True, "--disc_grad_ckpt"), ("disc_chunk", 1, "--disc_chunk 1"),
+         ("token_budget", 8192, "--token_budget 8192"),
+         ("eval_batch_size", 16, "--eval_batch_size 16")]
+
+
+def preflight(stage, cfg, world, gpu_gb, log=print):
+    """Estimate this run's peak per GPU before loading (estimate(), from the stage's own flags);
+    if it does not fit gpu_gb, a one-line error naming the flags that make it fit (or saying
+    that none do). Models the estimator cannot build (no config) are not checked."""
+    fields = {f.name for f in dataclasses.fields(MemoryConfig)}
+    given = {k: v for k, v in vars(cfg).items() if k in fields and k != "stage"}
+    if stage == "align" and not str(given.get("disc", "")).startswith("Qwen3-VL"):
+        given["disc"] = "Qwen3-VL-2B"  # a warm-up folder: sized as the paper's backbone
+    mc = dataclasses.replace(MemoryConfig(), stage=stage, gpus=world, gpu_gb=gpu_gb, **given)
+    # the prompt-length filter drops prompts over --max_prompt_len, so no image in a run is larger
+    # than the prompt budget minus some text (32 x 32 pixels per image token)
+    mc = dataclasses.replace(mc, max_pixels=min(mc.max_pixels, (mc.max_prompt_len - 256) * 1024))
+    try:
+        est = estimate(mc)
+    except (SystemExit, OSError, ValueError) as e:
+        log(f"memory check skipped: {e}")
+        return
+    if est["fits"]:
+        log(f"memory check: peak {est['peak'] / GB:.1f} GB of {gpu_gb:g} per GPU")
+        return
+    need, fixed = [], mc
+    for name, value, flag in FIXES:
+        if getattr(fixed, name) == value or name not in vars(cfg):  # set already, or not a flag
+            continue
+        fixed = dataclasses.replace(fixed, **{name: value})
+        need.append(flag)
+        if estimate(fixed)["fits"]:
+            raise SystemExit(f"error: this {stage} run needs ~{est['peak'] / GB:.0f} GB per GPU "
+                             f"of {gpu_gb:g} (python model.py memory ...); add {' '.join(need)} "
+                             f"(then ~{estimate(fixed)['peak'] / GB:.0f} GB)")
+    raise SystemExit(f"error: this {stage} run needs ~{est['peak'] / GB:.0f} GB per GPU of "
+                     f"{gpu_gb:g} even with {' '.join(need)}: use more GPUs, --lora, or shorter "
+                     "--max_new_tokens (python model.py memory ... shows where it goes)")
+
+
+# -----------------------------------------------------------------------------------------------
 # Printing
 
 

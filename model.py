@@ -341,6 +341,18 @@ def pick_dist(cfg, world, log=print):
     return choice
 
 
+def check_memory(stage, cfg, world, device, log=print):
+    """On a GPU, before any weight is loaded: the run's peak memory per GPU estimated from its
+    flags (memory.preflight, the estimate `python model.py memory` prints) against the GPU's
+    size; a run that would not fit stops with a one-line error naming the flags that make it
+    fit, instead of an out-of-memory error an hour in. Not on the CPU (no fixed memory to fit)."""
+    if device.type != "cuda":
+        return
+    import memory
+    memory.preflight(stage, cfg, world, torch.cuda.get_device_properties(device).total_memory
+                     / memory.GB, log)
+
+
 def stage_dtype(cfg, trains_all_weights=None):
     """--dtype as a stage loads a model it trains. AdamW on bf16 weights rounds most updates of
     a 1e-6 learning rate away (a bf16 weight has 8 significant bits), so trained weights and
@@ -368,16 +380,33 @@ def load_policy(cfg, device, log=print):
     random encoder cannot learn to see); any trained tower stays frozen, as in the paper."""
     from common import latest_checkpoint
     resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    model, processor, _ = load_model(resume_from or cfg.model, device, dtype=stage_dtype(cfg), attn=cfg.attn, lora=cfg.lora,
-                                     qlora=cfg.qlora, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
-                                     train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in PRESETS))
+    train_vision = cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in PRESETS)
+    model, processor, _ = load_model(resume_from or cfg.model, device, dtype=stage_dtype(cfg),
+                                     attn=cfg.attn, lora=cfg.lora, qlora=cfg.qlora,
+                                     lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
+                                     train_vision=train_vision)
+    set_image_size(processor, cfg)
     total, trainable = count_params(model)
     log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
         + (f", resuming from {resume_from}" if resume_from else ""))
     return model, processor, resume_from
 
 
-def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=False, mixed_precision=None):
+def set_image_size(processor, cfg):
+    """--min_pixels / --max_pixels on a processor: each image is resized (aspect kept, sides
+    multiples of patch x merge) to between these many pixels, which bounds its image tokens
+    (pixels / (patch x merge)^2: 16,384 tokens at the 16,777,216 cap for Qwen3-VL). Stages
+    without the flags keep the folder's own settings."""
+    lo, hi = getattr(cfg, "min_pixels", None), getattr(cfg, "max_pixels", None)
+    if lo is None and hi is None:
+        return
+    size = processor.image_processor.size
+    processor.image_processor.size = {"shortest_edge": lo or size.shortest_edge,
+                                      "longest_edge": hi or size.longest_edge}
+
+
+def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=False,
+                     mixed_precision=None):
     """Data parallelism under torchrun; returns the model unchanged single-process.
 
     ddp   a full replica per rank, gradients averaged in backward (DDP's wrapper).
@@ -571,26 +600,39 @@ def count_params(model):
 
 
 @torch.no_grad()
-def generate(model, processor, rows, max_new_tokens=128, batch_size=32, do_sample=False, temperature=1.0):
-    """Decoded responses for prompt rows (data.load_prompts format), `batch_size` prompts a call.
+def generate(model, processor, rows, max_new_tokens=128, batch_size=32, do_sample=False,
+             temperature=1.0, token_budget=None):
+    """Decoded responses for prompt rows (data.load_prompts format), `batch_size` prompts a call,
+    fewer when rows x (padded prompt + max_new_tokens) would pass token_budget (None: no limit):
+    the KV cache grows with that product (64 rows x 8,192 tokens of a 4B model: ~77 GB).
 
-    Greedy by default (pass@1 evaluation). Vision tokens are suppressed (module docstring); decoding
-    drops special tokens such as <|im_end|> but keeps the answer tags, which are ordinary tokens."""
+    Greedy by default (pass@1 evaluation). Vision tokens are suppressed (module docstring);
+    decoding drops special tokens such as <|im_end|> but keeps the answer tags (ordinary tokens)."""
     from data import encode_prompts
     model = unwrap(model)
     was_training = model.training
     model.eval()
     device = input_device(model)
     tok = processor.tokenizer
-    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(do_sample=False)
-    texts = []
-    with gathered(model):  # under FSDP: ranks generate different numbers of tokens, without collectives
-        for i in range(0, len(rows), batch_size):
-            enc = encode_prompts(rows[i:i + batch_size], processor).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, suppress_tokens=vision_token_ids(tok),
-                                 use_cache=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                                 pad_token_id=tok.pad_token_id, **sampling)  # (b, prompt_len + new)
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if do_sample
+                else dict(do_sample=False))
+    texts, i = [], 0
+    # under FSDP: ranks generate different numbers of tokens, without collectives
+    with gathered(model):
+        while i < len(rows):
+            chunk = rows[i:i + batch_size]
+            enc = encode_prompts(chunk, processor)
+            width = enc["input_ids"].shape[1] + max_new_tokens
+            if token_budget and len(chunk) * width > token_budget and len(chunk) > 1:
+                chunk = chunk[:max(1, token_budget // width)]
+                enc = encode_prompts(chunk, processor)
+            enc = enc.to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                 suppress_tokens=vision_token_ids(tok), use_cache=True,
+                                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                                 pad_token_id=tok.pad_token_id, **sampling)  # (b, P + new)
             texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            i += len(chunk)
     model.train(was_training)
     return texts
 

@@ -115,6 +115,10 @@ class Config:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
     grad_ckpt: bool = False  # gradient checkpointing
     token_budget: int = 32768  # padded tokens per forward (micro-batch size) and rollout chunk
+    # image size bounds in pixels: the official runs set none, so verl's image loading applied
+    # qwen-vl-utils' defaults, 4 to 16,384 image tokens of 32 x 32 pixels (patch 16, merge 2)
+    min_pixels: int = 4096  # smaller images are scaled up to this many pixels
+    max_pixels: int = 16777216  # larger images are scaled down to this many pixels
     # auto: under torchrun, fsdp for models of 1B+ parameters (a replica does not fit), else ddp
     dist: Literal["auto", "ddp", "fsdp"] = "auto"  # ddp (replicas) | fsdp (FSDP2 sharding)
     cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
@@ -131,6 +135,7 @@ def main(argv=None):
     # the --algo row of rl_losses.ALGOS with overrides, and how the groups spread over the ranks
     algo, layout = rollout.check_config(cfg, world)
     cfg.dist = models.pick_dist(cfg, world, log)  # --dist auto: by model size
+    models.check_memory("rlvr", cfg, world, device, log)  # on a GPU: fits, or which flags to add
     log(f"algorithm: {json.dumps({k: getattr(v, '__name__', v) for k, v in algo.items()})}")
     buffer = int(algo["overlong_buffer"] * cfg.max_new_tokens)  # DAPO's length penalty, in tokens
 

@@ -68,3 +68,22 @@ def test_two_ranks_align_the_proxy_with_split_groups(tmp_path):
              "--max_new_tokens", "8", "--eval_rows", "0", "--threads", "1")
     records = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     assert records[-1]["step"] == 1 and records[-1]["response_len"] > 0
+
+
+def test_a_run_that_does_not_fit_names_the_flags_that_make_it_fit():
+    """What check_memory does on a GPU, here with an 80 GB GPU assumed: the headline alignment
+    with only --data and --disc added does not fit 8 x 80 GB as configured for the toys; the
+    error names the flags, and with them the check passes."""
+    import align
+    import common
+    import memory
+    argv = ["--model", "Qwen3-VL-4B", "--data", "align.parquet", "--disc", "runs/w/final"]
+    cfg = common.parse_config(align.Config, argv)
+    cfg.dist = "fsdp"  # what --dist auto picks for a 4.4B model on 8 ranks
+    with pytest.raises(SystemExit, match="add --grad_ckpt --disc_grad_ckpt"):
+        memory.preflight("align", cfg, 8, 80)
+    cfg = common.parse_config(align.Config, argv + ["--grad_ckpt", "--disc_grad_ckpt"])
+    cfg.dist = "fsdp"
+    seen = []
+    memory.preflight("align", cfg, 8, 80, seen.append)
+    assert seen[0].startswith("memory check: peak")
