@@ -1,7 +1,8 @@
 """Data for nanoPRISM: the response format, the verifiable reward, and reading data files.
 
 Read top to bottom:
-  1. the three-block response format every policy answer must follow (docs/algorithms.md#response-format-and-reward),
+  1. the three-block response format every policy answer must follow
+     (docs/algorithms.md#response-format-and-reward),
   2. parsing a response into caption / think / answer, and splitting it for the discriminator,
   3. the RLVR reward: 0 for a bad format, else 0.8 * correct + 0.2,
   4. loaders for the four file kinds of docs/data-formats.md (SFT chats, prompts with optional
@@ -93,9 +94,9 @@ def split_segments(text):
 
 
 def reward(response, ground_truth):
-    """RLVR reward of docs/algorithms.md#response-format-and-reward -> dict(score, acc, format), all floats.
-    Invalid format: 0. Valid: 0.8 * acc + 0.2, where acc = 1 if the <answer> (stripped) matches
-    the truth; an empty answer or one of MAX_ANSWER_CHARS or more never does."""
+    """RLVR reward of docs/algorithms.md#response-format-and-reward -> dict(score, acc, format),
+    all floats. Invalid format: 0. Valid: 0.8 * acc + 0.2, where acc = 1 if the <answer>
+    (stripped) matches the truth; an empty answer or one of MAX_ANSWER_CHARS or more never does."""
     parsed = parse_response(response)
     if not parsed["valid"]:
         return dict(score=0.0, acc=0.0, format=0.0)
@@ -104,9 +105,10 @@ def reward(response, ground_truth):
 
 
 # ---- reading files ----
-# Real data is messy (docs/data-formats.md#bad-rows): unreadable images, null ground truths, mismatched <image>
-# placeholders. The official loaders drop such rows silently or crash mid-training; ours check every
-# row at load time (images included) and name the file, the row and the problem in one line.
+# Real data is messy (docs/data-formats.md#bad-rows): unreadable images, null ground truths,
+# mismatched <image> placeholders. The official loaders drop such rows silently or crash
+# mid-training; ours check every row at load time (images included) and name the file, the row and
+# the problem in one line.
 
 
 class DataError(ValueError):
@@ -151,7 +153,8 @@ def _iter_rows(path):
                 continue  # blank lines (often a trailing one) are not rows, but they are counted
             try:
                 row = json.loads(line)
-            except (ValueError, RecursionError) as e:  # includes UnicodeDecodeError; [[[[... nesting
+            # ValueError includes UnicodeDecodeError; RecursionError: [[[[... nesting
+            except (ValueError, RecursionError) as e:
                 row = DataError(path, line_no, f"invalid JSON line ({type(e).__name__}: {e})")
             yield line_no, row
         return
@@ -210,7 +213,8 @@ def resolve_image(spec, base_dir):
     if isinstance(spec, dict):
         if isinstance(spec.get("bytes"), (bytes, bytearray)) and spec["bytes"]:
             return bytes(spec["bytes"])
-        if spec.get("bytes"):  # JSON cannot hold bytes; a number here would make bytes(n) allocate n
+        # JSON cannot hold bytes; a number here would make bytes(n) allocate n
+        if spec.get("bytes"):
             raise ValueError(f"image bytes must be binary, got {type(spec['bytes']).__name__}")
         spec = spec.get("path")
     if not isinstance(spec, str) or not spec:
@@ -241,9 +245,11 @@ def _checked_image(spec, base_dir):
         with _pil_open(resolved) as im:
             fmt = im.format
             im.verify()  # headers and checksums, without decoding every pixel
-        if fmt != "PNG":  # verify() checks PNG's CRCs but little else (a truncated JPEG passes): decode
+        # verify() checks PNG's CRCs but little else (a truncated JPEG passes): decode
+        if fmt != "PNG":
             with _pil_open(resolved) as im:
-                im.draft("RGB", (1, 1))  # JPEG: decode at 1/8 scale, still reading every byte (2x faster)
+                # JPEG: decode at 1/8 scale, still reading every byte (2x faster)
+                im.draft("RGB", (1, 1))
                 im.load()
     except Exception as e:
         raise ValueError(f"image {name}: unreadable ({type(e).__name__})")
@@ -280,7 +286,8 @@ def _image_specs(row):
 def _images(row, messages, base_dir):
     """The row's images, resolved and checked. The processor expands each <image> placeholder into
     the image's tokens, so a count mismatch would crash later as "Image features and image tokens
-    do not match" (docs/measured.md#vision-tokens-must-be-suppressed); we catch it here and name the row."""
+    do not match" (docs/measured.md#vision-tokens-must-be-suppressed); we catch it here and name
+    the row."""
     specs = _image_specs(row)
     n_tags = sum(m["content"].count("<image>") for m in messages)
     if n_tags != len(specs):
@@ -293,8 +300,9 @@ def _text(v):
 
 
 def load_sft(path, skip_bad_rows=False, log=print):
-    """SFT chats (LLaMA-Factory sharegpt, docs/data-formats.md#sft-chats), "messages" or the older "conversations"
-    form -> [{"messages": [{"role", "content"}], "images": [path or bytes], "source"}]."""
+    """SFT chats (LLaMA-Factory sharegpt, docs/data-formats.md#sft-chats), "messages" or the older
+    "conversations" form -> [{"messages": [{"role", "content"}], "images": [path or bytes],
+    "source"}]."""
     base_dir = os.path.dirname(os.path.abspath(path))
 
     def convert(row):
@@ -304,8 +312,9 @@ def load_sft(path, skip_bad_rows=False, log=print):
             messages = _chat(row["conversations"], "from", "value")
         else:
             raise ValueError("missing 'messages' (or 'conversations')")
-        # SFT trains on assistant tokens only (docs/algorithms.md#sft): without a non-empty final assistant
-        # turn the row has nothing to learn from, or a dangling user turn to learn nothing from.
+        # SFT trains on assistant tokens only (docs/algorithms.md#sft): without a non-empty final
+        # assistant turn the row has nothing to learn from, or a dangling user turn to learn nothing
+        # from.
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
         if not answers:
             raise ValueError("no assistant turn")
@@ -367,11 +376,12 @@ def _check_segments(caption, cot, side):
 
 
 def load_prompts(path, require_teacher=False, skip_bad_rows=False, log=print):
-    """Alignment and RL prompts (verl parquet, docs/data-formats.md#alignment-prompts) -> [{"messages", "images",
-    "ground_truth" (str, or list of equivalent answers), "teacher_caption", "teacher_cot",
-    "teacher_response" (None when absent), "extra_info" (dict), "source"}]. Alignment needs the
-    teacher reference (require_teacher=True), RLVR does not. A plain-string prompt becomes
-    SYSTEM_PROMPT plus the user turn "<image>\\n" + question (one placeholder per image)."""
+    """Alignment and RL prompts (verl parquet, docs/data-formats.md#alignment-prompts) ->
+    [{"messages", "images", "ground_truth" (str, or list of equivalent answers), "teacher_caption",
+    "teacher_cot", "teacher_response" (None when absent), "extra_info" (dict), "source"}].
+    Alignment needs the teacher reference (require_teacher=True), RLVR does not. A plain-string
+    prompt becomes SYSTEM_PROMPT plus the user turn "<image>\\n" + question (one placeholder per
+    image)."""
     base_dir = os.path.dirname(os.path.abspath(path))
 
     def convert(row):
@@ -402,9 +412,9 @@ def load_prompts(path, require_teacher=False, skip_bad_rows=False, log=print):
 
 
 def load_pairs(path, base_dir=None, skip_bad_rows=False, log=print):
-    """Discriminator warm-up pairs (JSONL, docs/data-formats.md#discriminator-warm-up-pairs) -> [{"prompt", "image", "teacher_caption",
-    "teacher_cot", "student_caption", "student_cot", "source"}]. Images resolve against base_dir,
-    by default the file's folder."""
+    """Discriminator warm-up pairs (JSONL, docs/data-formats.md#discriminator-warm-up-pairs) ->
+    [{"prompt", "image", "teacher_caption", "teacher_cot", "student_caption", "student_cot",
+    "source"}]. Images resolve against base_dir, by default the file's folder."""
     base_dir = base_dir if base_dir is not None else os.path.dirname(os.path.abspath(path))
 
     def convert(row):
@@ -438,7 +448,8 @@ VISION_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
 
 def chat_messages(messages):
     """Our {role, content} messages with `<image>` placeholders turned into Qwen's vision tokens."""
-    return [{"role": m["role"], "content": m["content"].replace("<image>", VISION_TOKENS)} for m in messages]
+    return [{"role": m["role"], "content": m["content"].replace("<image>", VISION_TOKENS)}
+            for m in messages]
 
 
 def encode_sft(row, processor):
@@ -489,8 +500,10 @@ def collate_sft(items, pad_id):
         batch["mm_token_type_ids"][i, :n] = x["mm_token_type_ids"]
     with_images = [x for x in items if "pixel_values" in x]
     if with_images:
-        batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_images])  # (sum patches, D)
-        batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in with_images])  # (n_images, 3)
+        batch["pixel_values"] = torch.cat(
+            [x["pixel_values"] for x in with_images])  # (sum patches, D)
+        batch["image_grid_thw"] = torch.cat(
+            [x["image_grid_thw"] for x in with_images])  # (n_images, 3)
     return batch
 
 
@@ -499,7 +512,9 @@ def encode_prompts(rows, processor):
 
     Left padding puts every prompt's last token at the same column, where generation appends."""
     tok = processor.tokenizer
-    texts = [tok.apply_chat_template(chat_messages(r["messages"]), tokenize=False, add_generation_prompt=True)
+    texts = [tok.apply_chat_template(chat_messages(r["messages"]), tokenize=False,
+                                     add_generation_prompt=True)
              for r in rows]
     images = [open_image(x) for r in rows for x in r["images"]]
-    return processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+    return processor(text=texts, images=images or None, padding=True, padding_side="left",
+                     return_tensors="pt")

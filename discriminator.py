@@ -1,5 +1,5 @@
-"""The PRISM discriminator D: a vision-language model upcycled into a Mixture-of-Experts with a scalar
-value head, scoring how teacher-like one segment of an answer is; plus its warm-up stage.
+"""The PRISM discriminator D: a vision-language model upcycled into a Mixture-of-Experts with a
+scalar value head, scoring how teacher-like one segment of an answer is; plus its warm-up stage.
 
 What D computes (docs/algorithms.md#discriminator-scores), one score per (image, prompt, segment):
     tokens = chat prompt (system + user turn with the image) + the segment's text, right-padded
@@ -8,11 +8,11 @@ What D computes (docs/algorithms.md#discriminator-scores), one score per (image,
 A response is scored twice: its perception segment "<caption>...</caption>" (which="cap") and its
 reasoning segment "<think>...</think><answer>...</answer>" (which="cot").
 
-Sparse upcycling (kind="moe", official; arXiv 2212.05055): every decoder layer's MLP becomes E experts
-(default 4), each a copy of the dense MLP plus N(0, noise^2) noise (0.01) so they can drift apart,
-behind a router Linear(H, E) initialised N(0, 0.02). Each token goes to its top-k experts (k=2),
-weighted by the router softmax renormalised over those k. The Switch-Transformer load-balancing loss
-(arXiv 2101.03961) keeps the router from collapsing onto one expert:
+Sparse upcycling (kind="moe", official; arXiv 2212.05055): every decoder layer's MLP becomes E
+experts (default 4), each a copy of the dense MLP plus N(0, noise^2) noise (0.01) so they can
+drift apart, behind a router Linear(H, E) initialised N(0, 0.02). Each token goes to its top-k
+experts (k=2), weighted by the router softmax renormalised over those k. The Switch-Transformer
+load-balancing loss (arXiv 2101.03961) keeps the router from collapsing onto one expert:
     aux = E * sum_e f_e * P_e,  f_e = share of the valid tokens' k routing slots that went to e,
                                 P_e = mean router probability of e over the valid (non-pad) tokens
 It is 1.0 whenever P is uniform, E / k when collapsed; averaged over layers (depth-independent).
@@ -46,14 +46,15 @@ Deviations from the paper / official code, all deliberate:
     tokens) is never cut.
   - The MoE layers read a token mask set on them just before each forward, so D offers no gradient
     checkpointing (a recomputing backward would read a later forward's mask).
-  - Warm-up is single-process (no torchrun). acc/gap skip pairs whose two segments are the same string (no signal, exactly zero
-    gradient); their share is logged as same_cap / same_cot.
+  - Warm-up is single-process (no torchrun). acc/gap skip pairs whose two segments are the same
+    string (no signal, exactly zero gradient); their share is logged as same_cap / same_cot.
 
 Commands:
-  CPU, tiny backbone, pairs sampled from the SFT policy (3 epochs: about 2 min alone, 3.5 min shared):
+  CPU, tiny backbone, pairs sampled from the SFT policy (3 epochs: ~2 min alone, 3.5 min shared):
       python discriminator.py warmup --policy runs/sft/final --out_dir runs/disc_warmup --epochs 3
   official pairs file, real backbone, one GPU:
-      python discriminator.py warmup --pairs warmup.jsonl --backbone Qwen3-VL-2B --lr 1e-5 --batch_size 4 --grad_ckpt
+      python discriminator.py warmup --pairs warmup.jsonl --backbone Qwen3-VL-2B --lr 1e-5 \\
+          --batch_size 4 --grad_ckpt
 In code: build, score, save, load, param_groups (used by align.py).
 """
 import copy
@@ -89,7 +90,8 @@ def load_balancing_loss(probs, chosen, n_experts):
     probs (N, E): router softmax of N valid tokens; chosen (N, k): the experts each token picked.
     aux = E * sum_e f_e * P_e with f_e = share of the N*k routing slots that went to e (sums to 1)
     and P_e = mean probability of e. Only P carries gradient (the top-k choice is discrete)."""
-    counts = F.one_hot(chosen, n_experts).sum(1).float()  # (N, E): 1 where e is among the token's top-k
+    # counts[n, e] = 1 where e is among token n's top-k
+    counts = F.one_hot(chosen, n_experts).sum(1).float()  # (N, E)
     load = counts.mean(0) / chosen.shape[-1]  # (E,)
     return n_experts * (load * probs.mean(0)).sum(), load.detach()
 
@@ -106,11 +108,13 @@ class MoEMLP(nn.Module):
     def __init__(self, dense, n_experts, top_k, noise):
         super().__init__()
         self.experts = nn.ModuleList(copy.deepcopy(dense) for _ in range(n_experts))
-        with torch.no_grad():  # the noise breaks the symmetry: identical experts would stay identical
+        # the noise breaks the symmetry: identical experts would stay identical
+        with torch.no_grad():
             for p in self.experts.parameters():
                 p.add_(torch.randn_like(p) * noise)
         weight = dense.gate_proj.weight
-        self.router = nn.Linear(weight.shape[1], n_experts, bias=False, device=weight.device, dtype=weight.dtype)
+        self.router = nn.Linear(weight.shape[1], n_experts, bias=False, device=weight.device,
+                                dtype=weight.dtype)
         nn.init.normal_(self.router.weight, std=0.02)
         self.top_k = top_k
         self.allowed = self.probs = self.chosen = None
@@ -121,24 +125,28 @@ class MoEMLP(nn.Module):
         flat = x.reshape(-1, H)  # (N, H), N = B*T
         logits = self.router(flat).float()  # (N, E): routing in fp32 even under bf16
         probs = logits.softmax(-1)  # (N, E)
-        if self.allowed is not None:  # segment routing: a forbidden expert can never be in the top-k
+        # segment routing: a forbidden expert can never be in the top-k
+        if self.allowed is not None:
             logits = logits.masked_fill(~self.allowed.reshape(-1, E), float("-inf"))
         top, chosen = logits.topk(self.top_k, dim=-1)  # (N, k)
-        weights = top.softmax(-1).to(x.dtype)  # (N, k): softmax over the k logits = renormalised probs
+        # softmax over the k logits = the router probs renormalised over those k
+        weights = top.softmax(-1).to(x.dtype)  # (N, k)
         out = torch.zeros_like(flat)  # (N, H)
         # One expert at a time over the tokens that chose it: slow but plain. No `if empty: skip`,
         # so every expert is in the graph every step (DDP would otherwise report unused parameters).
         for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)  # tokens that picked e, and in which slot
+            # the tokens that picked e, and in which of their k slots
+            token, slot = (chosen == e).nonzero(as_tuple=True)
             out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
         self.probs, self.chosen = probs, chosen.reshape(B, T, -1).detach()
         return out.reshape(B, T, H)
 
     def balance(self, token_mask=None):
-        """(aux, load (E,)) of the last forward over the tokens of token_mask (B, T) bool (the non-pad
-        ones; None = all): load_balancing_loss, with gradient through the router."""
+        """(aux, load (E,)) of the last forward over the tokens of token_mask (B, T) bool (the
+        non-pad ones; None = all): load_balancing_loss, with gradient through the router."""
         valid = token_mask.reshape(-1) if token_mask is not None else slice(None)
-        return load_balancing_loss(self.probs[valid], self.chosen.reshape(-1, self.top_k)[valid], len(self.experts))
+        return load_balancing_loss(self.probs[valid], self.chosen.reshape(-1, self.top_k)[valid],
+                                   len(self.experts))
 
 
 def upcycle(language_model, n_experts, top_k, noise):
@@ -151,14 +159,17 @@ def upcycle(language_model, n_experts, top_k, noise):
 class Discriminator(nn.Module):
     """backbone (a Qwen3VLModel: vision tower + language model, no LM head) + value head + settings.
 
-    cfg: kind, n_experts, top_k, noise, routing, max_segment_tokens, train_vision, backbone (name)."""
+    cfg: kind, n_experts, top_k, noise, routing, max_segment_tokens, train_vision, backbone
+    (name)."""
 
     def __init__(self, backbone, cfg):
         super().__init__()
         if cfg["kind"] not in KINDS or cfg["routing"] not in ROUTINGS:
             raise ValueError(f"kind must be one of {KINDS} and routing one of {ROUTINGS}")
-        if cfg["routing"] == "segment" and (cfg["kind"] == "dense" or cfg["n_experts"] % 2 or cfg["top_k"] > cfg["n_experts"] // 2):
-            raise ValueError("segment routing needs an MoE kind, an even number of experts and top_k <= experts / 2")
+        if cfg["routing"] == "segment" and (cfg["kind"] == "dense" or cfg["n_experts"] % 2
+                                            or cfg["top_k"] > cfg["n_experts"] // 2):
+            raise ValueError("segment routing needs an MoE kind, an even number of experts and "
+                             "top_k <= experts / 2")
         self.backbone, self.cfg = backbone, dict(cfg)
         if cfg["kind"] != "dense":
             upcycle(backbone.language_model, cfg["n_experts"], cfg["top_k"], cfg["noise"])
@@ -180,14 +191,17 @@ class Discriminator(nn.Module):
             if which not in ("cap", "cot"):
                 raise ValueError(f"segment routing needs which='cap' or 'cot', got {which!r}")
             E, T = self.cfg["n_experts"], mask.shape[1]
-            in_segment = torch.arange(T, device=mask.device)[None] >= batch["segment_start"][:, None]  # (B, T)
+            positions = torch.arange(T, device=mask.device)[None]  # (1, T)
+            in_segment = positions >= batch["segment_start"][:, None]  # (B, T)
             group = torch.arange(E, device=mask.device) < E // 2  # (E,): the perception experts
             group = group if which == "cap" else ~group
-            allowed = torch.where(in_segment[..., None], group, True)  # (B, T, E); prompt tokens: all
+            # prompt tokens may pick any expert
+            allowed = torch.where(in_segment[..., None], group, True)  # (B, T, E)
         for m in self.moe_layers():
             m.allowed = allowed
         inputs = {k: v for k, v in batch.items() if k != "segment_start"}
-        hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H), after the final norm
+        # the final hidden states, after the backbone's final norm
+        hidden = self.backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
         # The last 1 in the mask, not sum-1: right for any padding side, and padding never moves it.
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
         final = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, H)
@@ -196,27 +210,31 @@ class Discriminator(nn.Module):
         balance = [m.balance(mask) for m in moes]  # (aux, load) per layer, over non-pad tokens
         self.loads = [load for _, load in balance]  # score() reports their mean
         aux = torch.stack([a for a, _ in balance]).mean() if moes else raw.new_zeros(())
-        self.nonfinite = (~torch.isfinite(raw.detach())).sum()  # guard() hides them; score() counts them
+        # raw NaN/Inf scores: guard() hides them; score() counts them
+        self.nonfinite = (~torch.isfinite(raw.detach())).sum()
         return guard(raw), aux
 
 
 def guard(scores):
     """NaN/Inf -> 0, then clamp to [-SCORE_CLIP, SCORE_CLIP] (gradient flows inside)."""
-    return torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores)).clamp(-SCORE_CLIP, SCORE_CLIP)
+    finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
+    return finite.clamp(-SCORE_CLIP, SCORE_CLIP)
 
 
 def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noise=0.01,
-          routing="learned", vision="auto", max_segment_tokens=512, dtype="auto", attn="sdpa", seed=0):
+          routing="learned", vision="auto", max_segment_tokens=512, dtype="auto", attn="sdpa",
+          seed=0):
     """A fresh discriminator from a VLM backbone -> (disc, processor). Any name models.load_model
     accepts; vision "auto" trains the tower of the random-init embedded models only (as sft.py)."""
     device = device or torch.device("cpu")
     train_vision = vision == "trained" or (vision == "auto" and backbone in models.PRESETS)
     train_vision = train_vision and kind != "text-only"  # text-only never runs the tower
-    vlm, processor, _ = models.load_model(backbone, device, dtype=dtype, attn=attn, train_vision=train_vision, seed=seed)
+    vlm, processor, _ = models.load_model(backbone, device, dtype=dtype, attn=attn,
+                                          train_vision=train_vision, seed=seed)
     dense = kind == "dense"
-    cfg = {"kind": kind, "n_experts": 1 if dense else n_experts, "top_k": 1 if dense else top_k, "noise": noise,
-           "routing": routing, "max_segment_tokens": max_segment_tokens, "train_vision": train_vision,
-           "backbone": backbone}
+    cfg = {"kind": kind, "n_experts": 1 if dense else n_experts, "top_k": 1 if dense else top_k,
+           "noise": noise, "routing": routing, "max_segment_tokens": max_segment_tokens,
+           "train_vision": train_vision, "backbone": backbone}
     # expert noise, routers and the value head from `seed`: the same on every rank, and the caller's
     # RNG stream (seeded per rank, for sampling) is left where it was
     with torch.random.fork_rng():
@@ -226,12 +244,14 @@ def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noi
 
 def gradient_checkpointing(disc):
     """Recompute each decoder layer and vision block in backward instead of keeping its activations
-    (docs/distributed.md: tens of times less activation memory per token, for one more forward). Segment routing
-    hands each forward its expert mask from outside the layer's inputs, which a recomputation could
-    find changed by a later forward, so it is refused there."""
+    (docs/distributed.md: tens of times less activation memory per token, for one more forward).
+    Segment routing hands each forward its expert mask from outside the layer's inputs, which a
+    recomputation could find changed by a later forward, so it is refused there."""
     if disc.cfg["routing"] == "segment":
-        raise SystemExit("error: discriminator gradient checkpointing does not support --routing segment")
-    disc.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        raise SystemExit("error: discriminator gradient checkpointing does not support "
+                         "--routing segment")
+    disc.backbone.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def param_groups(disc, weight_decay=0.01):
@@ -255,7 +275,8 @@ def save(disc, processor, path, info=None):
     state = disc.state_dict() if state is None else state
 
     def write(tmp):
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "disc_config.json"), "w") as f:
             json.dump(disc.cfg, f, indent=2)
         disc.backbone.config.to_json_file(os.path.join(tmp, "backbone_config.json"))
@@ -279,7 +300,8 @@ def load(path, device=None, dtype="auto", attn="sdpa"):
         cfg = json.load(f)
     with open(os.path.join(path, "backbone_config.json")) as f:
         config = AutoConfig.for_model(**json.load(f))
-    backbone = AutoModel.from_config(config, attn_implementation=attn, dtype=models.pick_dtype(device, dtype))
+    backbone = AutoModel.from_config(config, attn_implementation=attn,
+                                     dtype=models.pick_dtype(device, dtype))
     disc = Discriminator(backbone.to(device), cfg)
     disc.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)))
     if not cfg["train_vision"]:
@@ -290,12 +312,13 @@ def load(path, device=None, dtype="auto", attn="sdpa"):
 # ----------------------------------------------------------------------------- scoring
 def _without_images(row):
     """The prompt as a text-only discriminator sees it: no image placeholders, no images."""
-    return {"messages": [{**m, "content": m["content"].replace("<image>\n", "").replace("<image>", "")}
-                         for m in row["messages"]], "images": []}
+    messages = [{**m, "content": m["content"].replace("<image>\n", "").replace("<image>", "")}
+                for m in row["messages"]]
+    return {"messages": messages, "images": []}
 
 
 def encode(processor, prompts, segments, text_only=False, max_segment_tokens=512):
-    """Prompt rows (data.load_prompts) + segment strings -> (batch dict, number of truncated segments).
+    """Prompt rows (data.load_prompts) + segment strings -> (batch dict, truncated segment count).
 
     One processor call for the prompts (it expands each image into its <|image_pad|> tokens), one
     tokenizer call for the segments, then each row = its prompt tokens + its segment tokens,
@@ -304,11 +327,15 @@ def encode(processor, prompts, segments, text_only=False, max_segment_tokens=512
     from PIL import Image
     tok = processor.tokenizer
     rows = [_without_images(r) if text_only else r for r in prompts]
-    texts = [tok.apply_chat_template(data.chat_messages(r["messages"]), tokenize=False, add_generation_prompt=True)
+    texts = [tok.apply_chat_template(data.chat_messages(r["messages"]), tokenize=False,
+                                     add_generation_prompt=True)
              for r in rows]
-    # rows may hold already-opened PIL images: a caller scoring many rollouts of one prompt opens it once
-    images = [x if isinstance(x, Image.Image) else data.open_image(x) for r in rows for x in r["images"]]
-    enc = processor(text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt")
+    # rows may hold already-opened PIL images: a caller scoring many rollouts of one prompt opens
+    # it once
+    images = [x if isinstance(x, Image.Image) else data.open_image(x)
+              for r in rows for x in r["images"]]
+    enc = processor(text=texts, images=images or None, padding=True, padding_side="right",
+                    return_tensors="pt")
     seg_ids = tok(list(segments), add_special_tokens=False)["input_ids"]
     truncated = sum(len(s) > max_segment_tokens for s in seg_ids)
     seg_ids = [s[:max_segment_tokens] for s in seg_ids]
@@ -333,7 +360,8 @@ def encode(processor, prompts, segments, text_only=False, max_segment_tokens=512
 
 
 def score(disc, processor, prompts, segments, which, micro_batch=16):
-    """Score segments -> (scores (B,), aux scalar). Gradients flow; wrap in torch.no_grad() to only score.
+    """Score segments -> (scores (B,), aux scalar). Gradients flow; wrap in torch.no_grad() to
+    only score.
 
     prompts: rows with "messages" and "images" (data.load_prompts, or pair_prompt(pair)); segments:
     the matching strings; which: "cap" or "cot" (used by segment routing). aux is the mean MoE load-
@@ -342,8 +370,10 @@ def score(disc, processor, prompts, segments, which, micro_batch=16):
     if which not in ("cap", "cot"):
         raise ValueError(f"which must be 'cap' or 'cot', got {which!r}")
     if len(prompts) != len(segments) or not prompts:
-        raise ValueError(f"need as many segments as prompts, at least one: got {len(prompts)} and {len(segments)}")
-    inner = models.unwrap(disc)  # under DDP the forward goes through the wrapper (gradient sync), the rest not
+        raise ValueError(f"need as many segments as prompts, at least one: got {len(prompts)} "
+                         f"and {len(segments)}")
+    # under DDP the forward goes through the wrapper (gradient sync), the rest not
+    inner = models.unwrap(disc)
     device = models.input_device(disc)
     scores, auxes, loads, truncated, nonfinite = [], [], [], 0, 0
     # under FSDP all ranks run as many forwards (each is a collective): padding copies of the first
@@ -361,31 +391,38 @@ def score(disc, processor, prompts, segments, which, micro_batch=16):
         loads += inner.loads
         truncated += cut
         nonfinite += inner.nonfinite
-    inner.stats = {"load": torch.stack(loads).mean(0).tolist() if loads else [1.0], "truncated": truncated,
-                   "nonfinite": int(nonfinite)}  # raw scores that were NaN/Inf (guard() set them to 0)
+    inner.stats = {"load": torch.stack(loads).mean(0).tolist() if loads else [1.0],
+                   "truncated": truncated,
+                   # raw scores that were NaN/Inf (guard() set them to 0)
+                   "nonfinite": int(nonfinite)}
     return torch.cat(scores), torch.stack(auxes).mean()
 
 
 def pair_prompt(pair):
     """A warm-up pair (data.load_pairs) -> the prompt row its segments answer."""
     return {"messages": [{"role": "system", "content": data.SYSTEM_PROMPT},
-                         {"role": "user", "content": "<image>\n" + pair["prompt"]}], "images": [pair["image"]]}
+                         {"role": "user", "content": "<image>\n" + pair["prompt"]}],
+            "images": [pair["image"]]}
 
 
 # ----------------------------------------------------------------------------- warm-up
 @dataclass
 class WarmupConfig:
-    backbone: str = "tiny"  # discriminator backbone: tiny | small | Qwen3-VL-2B (paper) | hub id | local folder
-    kind: Literal["moe", "dense", "text-only"] = "moe"  # moe = official; dense and text-only are the paper's ablations
-    routing: Literal["learned", "segment"] = "learned"  # learned = official code (one router, all experts); segment = paper wording
+    backbone: str = "tiny"  # tiny | small | Qwen3-VL-2B (paper) | hub id | local folder
+    # moe = official; dense and text-only are the paper's ablations
+    kind: Literal["moe", "dense", "text-only"] = "moe"  # moe = official; others = paper's ablations
+    # learned = the official code (one router over all experts); segment = the paper's wording
+    routing: Literal["learned", "segment"] = "learned"  # learned: official; segment: paper wording
     experts: int = 4  # experts per MoE layer (official: 4)
     top_k: int = 2  # experts per token (official: 2)
     noise: float = 0.01  # std of the noise added to each expert copy (official: 0.01)
     max_segment_tokens: int = 512  # segments longer than this keep their first tokens (counted)
-    vision: Literal["auto", "frozen", "trained"] = "auto"  # auto trains the tower of the random-init embedded backbones only
-    pairs: str = ""  # warm-up pairs JSONL in the official format; empty = build them by sampling --policy on --prompts
-    pairs_base: str = ""  # folder the pairs' image paths are relative to (empty = the pairs file's folder)
-    prompts: str = "data/tiny/align_prompts.parquet"  # alignment prompts with teacher references (to build pairs)
+    # the vision tower; auto trains the tower of the random-init embedded backbones only (as sft.py)
+    vision: Literal["auto", "frozen", "trained"] = "auto"  # auto: frozen if pretrained else trained
+    pairs: str = ""  # official-format warm-up pairs JSONL; empty = sample --policy on --prompts
+    pairs_base: str = ""  # base folder of the pairs' image paths (empty = the pairs file's folder)
+    # alignment prompts with teacher references, read only to build pairs
+    prompts: str = "data/tiny/align_prompts.parquet"  # alignment prompts + teacher refs (for pairs)
     policy: str = "runs/sft/final"  # the SFT policy that plays the student (to build pairs)
     max_prompts: int = 0  # build pairs from the first this many prompts only (0 = all)
     max_new_tokens: int = 128  # student answer budget when sampling
@@ -401,7 +438,7 @@ class WarmupConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # clip the global gradient norm (paper: 1.0; 0 = off)
     aux_coef: float = 0.01  # weight of the MoE load-balancing loss (official: 0.01)
-    score_reg: float = 0.001  # weight of mean(score^2), as in the alignment loss (official warm-up: none)
+    score_reg: float = 0.001  # weight of mean(score^2), as in alignment (official warm-up: none)
     val_pairs: int = 64  # pairs held out and scored at the end (0 = none)
     micro_batch: int = 16  # sequences per forward when scoring held-out pairs
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
@@ -415,12 +452,15 @@ def build_pairs(cfg, device, log):
     """Sample one student answer per prompt from the policy and pair it with the teacher reference.
     Writes out_dir/warmup_pairs.jsonl (official format, image paths relative to out_dir) and returns
     its path. Format-invalid student answers cannot be split into segments: skipped and counted."""
-    rows = data.load_prompts(cfg.prompts, require_teacher=True, skip_bad_rows=cfg.skip_bad_rows, log=log)
+    rows = data.load_prompts(cfg.prompts, require_teacher=True, skip_bad_rows=cfg.skip_bad_rows,
+                             log=log)
     rows = rows[:cfg.max_prompts] if cfg.max_prompts else rows
-    policy, policy_processor, _ = models.load_model(cfg.policy, device, dtype=cfg.dtype, attn=cfg.attn, seed=cfg.seed)
+    policy, policy_processor, _ = models.load_model(cfg.policy, device, dtype=cfg.dtype,
+                                                    attn=cfg.attn, seed=cfg.seed)
     t0 = time.time()
-    answers = models.generate(policy, policy_processor, rows, cfg.max_new_tokens, cfg.gen_batch_size,
-                              do_sample=True, temperature=1.0)  # paper: temperature 1.0, on-policy samples
+    # paper: temperature 1.0, on-policy samples
+    answers = models.generate(policy, policy_processor, rows, cfg.max_new_tokens,
+                              cfg.gen_batch_size, do_sample=True, temperature=1.0)
     del policy
     path = os.path.join(cfg.out_dir, "warmup_pairs.jsonl")
     image_dir = os.path.join(cfg.out_dir, "pair_images")
@@ -435,15 +475,16 @@ def build_pairs(cfg, device, log):
             os.makedirs(image_dir, exist_ok=True)
             data.open_image(image).save(os.path.join(image_dir, f"{i:06d}.png"))
             image = os.path.join(image_dir, f"{i:06d}.png")
-        question = next(m["content"] for m in row["messages"] if m["role"] == "user").replace("<image>", "").strip()
+        user_turn = next(m["content"] for m in row["messages"] if m["role"] == "user")
+        question = user_turn.replace("<image>", "").strip()
         pairs.append({"prompt": question, "image": os.path.relpath(image, cfg.out_dir),
                       "teacher_caption": row["teacher_caption"], "teacher_cot": row["teacher_cot"],
                       "student_caption": caption, "student_cot": cot})
-    log(f"pairs: sampled {len(rows)} student answers in {time.time() - t0:.1f}s, {invalid} skipped (invalid format or not one image), "
-        f"{len(pairs)} pairs -> {path}")
+    log(f"pairs: sampled {len(rows)} student answers in {time.time() - t0:.1f}s, {invalid} skipped "
+        f"(invalid format or not one image), {len(pairs)} pairs -> {path}")
     if not pairs:
-        raise SystemExit(f"error: none of the {len(rows)} student answers from {cfg.policy} has a valid format; "
-                         "warm up from an SFT policy (or pass --pairs)")
+        raise SystemExit(f"error: none of the {len(rows)} student answers from {cfg.policy} has a "
+                         "valid format; warm up from an SFT policy (or pass --pairs)")
     with open(path, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
     return path
@@ -457,25 +498,30 @@ def pair_loss(disc, processor, pairs, aux_coef=0.01, score_reg=0.001, micro_batc
     prompts = [pair_prompt(p) for p in pairs] * 2
     n, loss, aux, reg, record = len(pairs), 0.0, 0.0, 0.0, {}
     for which, key in (("cap", "caption"), ("cot", "cot")):
-        scores, a = score(disc, processor, prompts, [p[f"teacher_{key}"] for p in pairs] +
-                          [p[f"student_{key}"] for p in pairs], which, micro_batch or 2 * n)  # (2n,)
+        segments = [p[f"teacher_{key}"] for p in pairs] + [p[f"student_{key}"] for p in pairs]
+        scores, a = score(disc, processor, prompts, segments, which, micro_batch or 2 * n)  # (2n,)
         t, s = scores[:n], scores[n:]  # (n,) teacher, (n,) student
-        # Bradley-Terry: the teacher's segment should outscore the student's (docs/algorithms.md#discriminator-warm-up)
+        # Bradley-Terry: the teacher's segment should outscore the student's
+        # (docs/algorithms.md#discriminator-warm-up)
         bt = rl_losses.bt_loss(t, s, torch.ones(n, dtype=torch.bool, device=t.device))
         loss, aux, reg = loss + bt, aux + a / 2, reg + scores.pow(2).mean() / 2
         differ = torch.tensor([p[f"teacher_{key}"] != p[f"student_{key}"] for p in pairs])  # (n,)
         t, s = t.detach()[differ], s.detach()[differ]
-        record.update({f"bt_{which}": bt.item(), f"acc_{which}": (t > s).float().mean().item() if len(t) else None,
+        record.update({f"bt_{which}": bt.item(),
+                       f"acc_{which}": (t > s).float().mean().item() if len(t) else None,
                        f"gap_{which}": (t - s).mean().item() if len(t) else None,
-                       f"same_{which}": 1 - differ.float().mean().item(), f"load_{which}": models.unwrap(disc).stats["load"]})
+                       f"same_{which}": 1 - differ.float().mean().item(),
+                       f"load_{which}": models.unwrap(disc).stats["load"]})
     # reg = mean(t_cap^2 + s_cap^2 + t_cot^2 + s_cot^2) / 4, the score regulariser of the alignment
-    # loss (docs/algorithms.md#discriminator-loss): it keeps scores off the +-10 clamp, where a pair ties with zero gradient.
+    # loss (docs/algorithms.md#discriminator-loss): it keeps scores off the +-10 clamp, where a pair
+    # ties with zero gradient.
     loss = loss + aux_coef * aux + score_reg * reg
     return loss, {"loss": loss.item(), "aux": aux.item(), "score_sq": reg.item(), **record}
 
 
 def _rounded(record):
-    return {k: round(v, 4) if isinstance(v, float) else [round(x, 3) for x in v] if isinstance(v, list) else v
+    return {k: round(v, 4) if isinstance(v, float)
+            else [round(x, 3) for x in v] if isinstance(v, list) else v
             for k, v in record.items()}
 
 
@@ -491,7 +537,8 @@ def warmup(argv):
     # ---- data: the official pairs file, or pairs built from the SFT policy's samples
     try:
         path = cfg.pairs or build_pairs(cfg, device, print)
-        pairs = data.load_pairs(path, base_dir=cfg.pairs_base or None, skip_bad_rows=cfg.skip_bad_rows)
+        pairs = data.load_pairs(path, base_dir=cfg.pairs_base or None,
+                                skip_bad_rows=cfg.skip_bad_rows)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     random.Random(cfg.seed).shuffle(pairs)
@@ -503,17 +550,20 @@ def warmup(argv):
 
     # ---- model and optimizer
     try:
-        disc, processor = build(cfg.backbone, device, kind=cfg.kind, n_experts=cfg.experts, top_k=cfg.top_k,
-                                noise=cfg.noise, routing=cfg.routing, vision=cfg.vision,
-                                max_segment_tokens=cfg.max_segment_tokens, dtype=cfg.dtype, attn=cfg.attn, seed=cfg.seed)
+        disc, processor = build(cfg.backbone, device, kind=cfg.kind, n_experts=cfg.experts,
+                                top_k=cfg.top_k, noise=cfg.noise, routing=cfg.routing,
+                                vision=cfg.vision, max_segment_tokens=cfg.max_segment_tokens,
+                                dtype=cfg.dtype, attn=cfg.attn, seed=cfg.seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if cfg.grad_ckpt:
         gradient_checkpointing(disc)
     total, trainable = models.count_params(disc)
-    print(f"discriminator: {cfg.kind} ({cfg.experts if cfg.kind != 'dense' else 1} experts, {cfg.routing} routing) "
-          f"on {cfg.backbone}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
-    optimizer = torch.optim.AdamW(param_groups(disc, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    print(f"discriminator: {cfg.kind} ({cfg.experts if cfg.kind != 'dense' else 1} experts, "
+          f"{cfg.routing} routing) on {cfg.backbone}: {total / 1e6:.2f}M parameters, "
+          f"{trainable / 1e6:.2f}M trainable")
+    optimizer = torch.optim.AdamW(param_groups(disc, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(0.9, 0.95))
 
     # ---- loop
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -525,7 +575,8 @@ def warmup(argv):
     for step in bar:
         t0 = time.time()
         while len(order) < cfg.batch_size:  # a fresh seeded permutation each epoch
-            order += torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            order += torch.randperm(len(train), generator=gen).tolist()
             epoch += 1
         batch, order = [train[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
         lr = lr_at(step, cfg)
@@ -541,14 +592,18 @@ def warmup(argv):
         record = _rounded({"step": step + 1, **record, "lr": lr, "grad_norm": grad_norm.item(),
                            "step_s": time.time() - t0})
         common.append_jsonl(metrics_path, record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc_cap=record["acc_cap"], acc_cot=record["acc_cot"], refresh=False)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc_cap=record["acc_cap"],
+                        acc_cot=record["acc_cot"], refresh=False)
 
     # ---- held-out pairs, then save
     if val:
         disc.eval()
         with torch.no_grad():
-            _, scores = pair_loss(disc, processor, val, cfg.aux_coef, cfg.score_reg, cfg.micro_batch)
-        summary = _rounded({"step": cfg.steps, "val_pairs": len(val), **{f"val_{k}": v for k, v in scores.items()}})
+            _, scores = pair_loss(disc, processor, val, cfg.aux_coef, cfg.score_reg,
+                                  cfg.micro_batch)
+        summary = _rounded({"step": cfg.steps,
+                            "val_pairs": len(val),
+                            **{f"val_{k}": v for k, v in scores.items()}})
         common.append_jsonl(metrics_path, summary)
         print(" ".join(f"{k}={v}" for k, v in summary.items() if "load" not in k))
     final = os.path.join(cfg.out_dir, "final")
@@ -559,7 +614,8 @@ def warmup(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] != "warmup":
-        raise SystemExit("usage: python discriminator.py warmup [flags]   (python discriminator.py warmup -h lists them)")
+        raise SystemExit("usage: python discriminator.py warmup [flags]   "
+                         "(python discriminator.py warmup -h lists them)")
     warmup(argv[1:])
 
 

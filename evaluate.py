@@ -11,7 +11,8 @@ Per model (`--models name=path,...`, in stage order, loaded one at a time):
                  accuracy = the caption's "objects:" line names exactly the scene's multiset of
                  (count, colour, shape) (missing or unreadable = wrong); a softer per-object-type
                  count accuracy; answer accuracy given a right caption (the errors left are
-                 reasoning errors) and given a wrong one. Rows without a scene (real benchmarks): n/a.
+                 reasoning errors) and given a wrong one. Rows without a scene (real benchmarks):
+                 n/a.
   3. drift       from the teacher references, when the file has them: structural proxies (segment
                  lengths, tag-use rates, format rate) and an embedding-space divergence (below).
   4. efficiency  mean response and <think> lengths in tokens.
@@ -63,7 +64,8 @@ import task
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    models: str = "base=tiny,sft=runs/sft/final"  # comma-separated name=path, in stage order (a bare path names itself)
+    # comma-separated name=path, in stage order; a bare path names itself
+    models: str = "base=tiny,sft=runs/sft/final"  # comma-separated name=path, in stage order
     data: str = "data/tiny/test.parquet"  # prompt file (verl parquet / JSONL) with ground truths
     out_dir: str = "runs/eval"  # results.json, results.md and the plots go here
     k: int = 4  # samples per prompt for mean accuracy / pass@k (0 = greedy only)
@@ -72,7 +74,7 @@ class Config:
     max_new_tokens: int = 128  # response budget
     batch_size: int = 64  # prompts per generate / sample / embedding call
     token_budget: int = 65536  # rollout tokens per sampling chunk (memory knob, see rollout.sample)
-    encoder: str = ""  # frozen encoder for MMD / Frechet ("" = first non-base model; or a name or path)
+    encoder: str = ""  # frozen encoder for MMD/Frechet: a name or path ("" = first non-base model)
     align_log: str = ""  # align.py metrics.jsonl for the score-gap plot ("" = no plot)
     rl_logs: str = ""  # comma-separated name=metrics.jsonl of rlvr.py runs for the reward plot
     smooth: int = 20  # moving-average window (steps) of the training-curve plots
@@ -82,13 +84,17 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- perception
-# The teacher's caption has a line "- objects: 2 green triangles, 1 yellow triangle" (task.describe).
-# We read that line back into a multiset and compare it with the scene's. Order, singular/plural and
-# "and" between items do not matter; anything we cannot read makes the whole line unreadable.
-_NUMBERS = {w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"])}
+# The teacher's caption has a line "- objects: 2 green triangles, 1 yellow triangle"
+# (task.describe). We read that line back into a multiset and compare it with the scene's. Order,
+# singular/plural and "and" between items do not matter; anything we cannot read makes the whole
+# line unreadable.
+_NUMBERS = {w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six",
+                                        "seven", "eight"])}
 _NUMBERS.update(a=1, an=1)
-_ITEM = re.compile(rf"(\d+|{'|'.join(_NUMBERS)})\s+({'|'.join(task.COLORS)})\s+({'|'.join(task.SHAPES)})s?")
-_OBJECTS_LINE = re.compile(r"\bobjects\s*:([^\n<]*)", re.IGNORECASE)  # to the end of the line or a tag
+_ITEM = re.compile(rf"(\d+|{'|'.join(_NUMBERS)})\s+"
+                   rf"({'|'.join(task.COLORS)})\s+({'|'.join(task.SHAPES)})s?")
+# the "objects:" line's text, to the end of the line or a tag
+_OBJECTS_LINE = re.compile(r"\bobjects\s*:([^\n<]*)", re.IGNORECASE)
 
 
 def parse_caption_objects(caption):
@@ -138,10 +144,15 @@ def score_response(text, row, count_tokens=lambda s: len(s.split())):
     """Everything we measure about one response to one prompt row -> a flat dict."""
     parsed = data.parse_response(text)
     extra = row.get("extra_info") or {}
-    out = {"acc": data.reward(text, row["ground_truth"])["acc"], "format": float(parsed["valid"]),
-           "level": extra.get("level"), "qtype": extra.get("qtype"), "perception": None, "objects": None,
+    out = {"acc": data.reward(text, row["ground_truth"])["acc"],
+           "format": float(parsed["valid"]),
+           "level": extra.get("level"),
+           "qtype": extra.get("qtype"),
+           "perception": None,
+           "objects": None,
            "response_len": count_tokens(text)}
-    for seg in ("caption", "think", "answer"):  # lengths of the blocks found, even in invalid answers
+    # lengths of the blocks found, even in invalid answers
+    for seg in ("caption", "think", "answer"):
         out[f"has_{seg}"] = float(parsed[seg] is not None)
         out[f"{seg}_len"] = count_tokens(parsed[seg]) if parsed[seg] is not None else None
     if extra.get("scene"):
@@ -158,18 +169,25 @@ def _mean(xs):
 
 def summarise(records):
     """Aggregate score_response dicts. The reasoning split: answer accuracy among responses whose
-    caption was right (errors there are reasoning errors) and among those whose caption was wrong."""
+    caption was right (errors there are reasoning errors) and among those whose caption was
+    wrong."""
     seen = [r for r in records if r["perception"] is not None]
     right, wrong = [r for r in seen if r["perception"]], [r for r in seen if not r["perception"]]
-    out = {"n": len(records), "acc": _mean([r["acc"] for r in records]),
+    out = {"n": len(records),
+           "acc": _mean([r["acc"] for r in records]),
            "format": _mean([r["format"] for r in records]),
            "perception": {"acc": _mean([r["perception"] for r in seen]),
-                          "objects": _mean([r["objects"] for r in seen]), "n": len(seen)} if seen else None,
-           "reasoning": {"acc_correct_caption": _mean([r["acc"] for r in right]), "n_correct_caption": len(right),
-                         "acc_wrong_caption": _mean([r["acc"] for r in wrong]), "n_wrong_caption": len(wrong)}
+                          "objects": _mean([r["objects"] for r in seen]),
+                          "n": len(seen)} if seen else None,
+           "reasoning": {"acc_correct_caption": _mean([r["acc"] for r in right]),
+                         "n_correct_caption": len(right),
+                         "acc_wrong_caption": _mean([r["acc"] for r in wrong]),
+                         "n_wrong_caption": len(wrong)}
            if seen else None,
-           "lengths": {seg: _mean([r[f"{seg}_len"] for r in records]) for seg in ("response", "caption", "think", "answer")},
-           "tags": {seg: _mean([r[f"has_{seg}"] for r in records]) for seg in ("caption", "think", "answer")}}
+           "lengths": {seg: _mean([r[f"{seg}_len"] for r in records])
+                       for seg in ("response", "caption", "think", "answer")},
+           "tags": {seg: _mean([r[f"has_{seg}"] for r in records])
+                    for seg in ("caption", "think", "answer")}}
     for key in ("level", "qtype"):  # breakdowns only when the rows carry the field
         groups = defaultdict(list)
         for r in records:
@@ -202,8 +220,10 @@ def mmd2(x, y, bandwidth):
     n, m = len(x), len(y)
     if n < 2 or m < 2:
         return float("nan")
-    kxx, kyy, kxy = (torch.exp(-_sq_dists(a, b) / (2 * bandwidth ** 2)) for a, b in ((x, x), (y, y), (x, y)))
-    return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    kxx, kyy, kxy = (torch.exp(-_sq_dists(a, b) / (2 * bandwidth ** 2))
+                     for a, b in ((x, x), (y, y), (x, y)))
+    return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+            + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
             - 2 * kxy.mean()).item()
 
 
@@ -234,9 +254,11 @@ def embed(model, tokenizer, texts, batch_size=64, max_len=1024):
     out = []
     for i in range(0, len(texts), batch_size):
         chunk = [t if t and t.strip() else tokenizer.eos_token for t in texts[i:i + batch_size]]
-        enc = tokenizer(chunk, padding=True, padding_side="right", truncation=True, max_length=max_len,
-                        add_special_tokens=False, return_tensors="pt").to(device)
-        h = lm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state  # (b, T, H)
+        enc = tokenizer(chunk, padding=True, padding_side="right", truncation=True,
+                        max_length=max_len, add_special_tokens=False,
+                        return_tensors="pt").to(device)
+        h = lm(input_ids=enc["input_ids"],
+               attention_mask=enc["attention_mask"]).last_hidden_state  # (b, T, H)
         mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (b, T, 1)
         out.append(((h * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())  # (b, H)
     return torch.cat(out)
@@ -248,23 +270,28 @@ def evaluate_model(model, processor, rows, k=4, max_new_tokens=128, batch_size=6
     """Greedy and k-sample responses of one model on rows -> (results, texts). results holds a
     summarise() dict for "greedy" and "sampled" (None when k = 0; plus pass_at_k); texts the raw
     responses, for the divergence and for inspection."""
-    count_tokens = count_tokens or (lambda s: len(processor.tokenizer(s, add_special_tokens=False)["input_ids"]))
+    count_tokens = count_tokens or (
+        lambda s: len(processor.tokenizer(s, add_special_tokens=False)["input_ids"]))
     greedy = models.generate(model, processor, rows, max_new_tokens, batch_size)
-    results = {"greedy": summarise([score_response(t, r, count_tokens) for t, r in zip(greedy, rows)]),
-               "sampled": None}
+    greedy_records = [score_response(t, r, count_tokens) for t, r in zip(greedy, rows)]
+    results = {"greedy": summarise(greedy_records), "sampled": None}
     texts = {"greedy": greedy, "sampled": []}
     if k > 0:
         torch.manual_seed(seed)  # every model draws from the same random stream
         for i in range(0, len(rows), batch_size):
-            texts["sampled"] += rollout.sample(model, processor, rows[i:i + batch_size], k, max_new_tokens,
-                                               temperature, 1.0, token_budget).texts  # prompt-major: k per prompt
+            # prompt-major: k per prompt
+            texts["sampled"] += rollout.sample(model, processor, rows[i:i + batch_size], k,
+                                               max_new_tokens, temperature, 1.0,
+                                               token_budget).texts
         sampled_rows = [r for r in rows for _ in range(k)]
-        records = [score_response(t, r, count_tokens) for t, r in zip(texts["sampled"], sampled_rows)]
+        records = [score_response(t, r, count_tokens)
+                   for t, r in zip(texts["sampled"], sampled_rows)]
         results["sampled"] = summarise(records)
         # pass@k: a prompt counts when any of its k samples is right
         results["sampled"]["pass_at_k"] = _mean([max(x["acc"] for x in records[j:j + k])
                                                  for j in range(0, len(records), k)])
-    results["examples"] = [{"question": r["messages"][-1]["content"], "ground_truth": r["ground_truth"],
+    results["examples"] = [{"question": r["messages"][-1]["content"],
+                            "ground_truth": r["ground_truth"],
                             "response": t} for t, r in list(zip(greedy, rows))[:3]]
     return results, texts
 
@@ -284,28 +311,34 @@ def markdown_table(results):
     """results.json's dict -> the markdown of results.md: one row per model (and the teacher), then
     greedy / mean@k accuracy by difficulty level and by question type."""
     k = results.get("k", 0)
-    head = ["model", "greedy acc", f"mean@{k} acc", "format", "perception acc", "reasoning acc (caption right)",
-            "reasoning acc (caption wrong)", "MMD^2", "Frechet", "response len", "think len"]
+    head = ["model", "greedy acc", f"mean@{k} acc", "format", "perception acc",
+            "reasoning acc (caption right)", "reasoning acc (caption wrong)", "MMD^2", "Frechet",
+            "response len", "think len"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     entries = list(results["models"].items()) + ([("teacher (reference)", results["teacher"])]
                                                   if results.get("teacher") else [])
     for name, r in entries:
         g = r["greedy"]
-        cells = [name, _f(g["acc"]), _f(_get(r, "sampled", "acc")), _f(g["format"]), _f(_get(g, "perception", "acc")),
-                 _f(_get(g, "reasoning", "acc_correct_caption")), _f(_get(g, "reasoning", "acc_wrong_caption")),
-                 _f(_get(r, "drift", "greedy", "mmd2"), 4), _f(_get(r, "drift", "greedy", "frechet"), 2),
+        cells = [name, _f(g["acc"]), _f(_get(r, "sampled", "acc")), _f(g["format"]),
+                 _f(_get(g, "perception", "acc")),
+                 _f(_get(g, "reasoning", "acc_correct_caption")),
+                 _f(_get(g, "reasoning", "acc_wrong_caption")),
+                 _f(_get(r, "drift", "greedy", "mmd2"), 4),
+                 _f(_get(r, "drift", "greedy", "frechet"), 2),
                  _f(g["lengths"]["response"], 1), _f(g["lengths"]["think"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines)
     for key, title in (("by_level", "level"), ("by_qtype", "question type")):
-        groups = {g: v["n"] for r in results["models"].values() for g, v in r["greedy"][key].items()}
+        groups = {g: v["n"] for r in results["models"].values()
+                  for g, v in r["greedy"][key].items()}
         if not groups:
             continue
         rows = ["| model | " + " | ".join(f"{title} {g} (n={n})" for g, n in groups.items()) + " |",
                 "|" + "---|" * (len(groups) + 1)]
         for name, r in results["models"].items():
             rows.append(f"| {name} | " + " | ".join(
-                f"{_f(_get(r, 'greedy', key, g, 'acc'))} / {_f(_get(r, 'sampled', key, g, 'acc'))}" for g in groups) + " |")
+                f"{_f(_get(r, 'greedy', key, g, 'acc'))} / {_f(_get(r, 'sampled', key, g, 'acc'))}"
+                for g in groups) + " |")
         out += f"\n\nGreedy / mean@{k} accuracy by {title}:\n\n" + "\n".join(rows)
     return out
 
@@ -324,7 +357,8 @@ def read_jsonl(path):
 
 def moving_average(values, window):
     """Trailing mean over the last `window` values (fewer at the start)."""
-    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(values))]
 
 
 def _figure(width=6.0):
@@ -350,30 +384,36 @@ def plot_accuracy(results, path):
     names = list(results["models"])
     bars = [([results["models"][n]["greedy"]["acc"] for n in names], "greedy pass@1")]
     if results["k"]:
-        bars.append(([_get(results["models"][n], "sampled", "acc") or 0.0 for n in names], f"mean@{results['k']}"))
+        sampled = [_get(results["models"][n], "sampled", "acc") or 0.0 for n in names]
+        bars.append((sampled, f"mean@{results['k']}"))
     fig, ax = _figure(1.6 * len(names) + 2)
     width = 0.8 / len(bars)
     for i, (values, label) in enumerate(bars):
-        drawn = ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in range(len(names))], values, width, label=label)
+        centres = [x + (i - (len(bars) - 1) / 2) * width for x in range(len(names))]
+        drawn = ax.bar(centres, values, width, label=label)
         ax.bar_label(drawn, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylim(0, 1.1)
     _save(fig, ax, path, "model", "answer accuracy",
-          f"accuracy per stage ({os.path.basename(results['data'])}, {results['n_prompts']} prompts)")
+          f"accuracy per stage ({os.path.basename(results['data'])}, "
+          f"{results['n_prompts']} prompts)")
 
 
 def plot_align_gaps(records, path, window=20):
     """The two experts' score gaps (teacher - policy) over alignment steps: raw and moving average.
     A gap shrinking towards 0 means the discriminator can no longer tell policy from teacher."""
     fig, ax = _figure()
-    for key, label in (("gap_cap", "perception (caption)"), ("gap_cot", "reasoning (think + answer)")):
+    for key, label in (("gap_cap", "perception (caption)"),
+                       ("gap_cot", "reasoning (think + answer)")):
         pts = [(r["step"], r[key]) for r in records if key in r]
         if pts:
             steps, values = zip(*pts)
             line, = ax.plot(steps, values, alpha=0.25)
-            ax.plot(steps, moving_average(values, window), color=line.get_color(), label=f"{label}, MA {window}")
+            ax.plot(steps, moving_average(values, window), color=line.get_color(),
+                    label=f"{label}, MA {window}")
     ax.axhline(0, color="gray", lw=0.8)
-    _save(fig, ax, path, "alignment step", "score gap t - s", "discriminator score gaps during alignment")
+    _save(fig, ax, path, "alignment step", "score gap t - s",
+          "discriminator score gaps during alignment")
 
 
 def plot_rl_rewards(logs, path, window=20):
@@ -386,7 +426,8 @@ def plot_rl_rewards(logs, path, window=20):
         color = None
         if pts:
             steps, values = zip(*pts)
-            color = ax.plot(steps, moving_average(values, window), label=f"{name} reward, MA {window}")[0].get_color()
+            color = ax.plot(steps, moving_average(values, window),
+                            label=f"{name} reward, MA {window}")[0].get_color()
         if val:
             ax.plot(*zip(*val), "o--", color=color, ms=4, lw=0.8, label=f"{name} held-out acc")
     _save(fig, ax, path, "RL step", "reward / accuracy", "RLVR: reward and held-out accuracy")
@@ -399,7 +440,7 @@ def plot_rl_rewards(logs, path, window=20):
 @torch.no_grad()
 def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_size=64, k=4,
              seed=1234):
-    """Held-out numbers on prompt rows, split over ranks and summed (all_reduce), plus three samples:
+    """Held-out numbers on prompt rows, split over ranks, summed (all_reduce), plus three samples:
       val_acc     greedy pass@1 accuracy (reproducible, the usual headline)
       val_acc_k   mean accuracy of k samples at temperature 1 (what RL optimises; 0 = skip)
       val_format  format-valid rate (greedy), val_len mean greedy response length in tokens
@@ -496,35 +537,41 @@ def main(argv=None):
     rows = rows[:cfg.max_rows] if cfg.max_rows else rows
     teacher = [r["teacher_response"] for r in rows]
     has_teacher = all(t is not None for t in teacher)
-    print(f"data: {len(rows)} prompts from {cfg.data}" + ("" if has_teacher else " (no teacher references: no drift)"))
+    print(f"data: {len(rows)} prompts from {cfg.data}"
+          + ("" if has_teacher else " (no teacher references: no drift)"))
 
     # ---- the encoder: chosen first, because its tokenizer counts every length (models and teacher)
     encoder = specs.get(cfg.encoder, cfg.encoder) or next(
-        (p for n, p in specs.items() if n != "base" and p not in models.PRESETS), next(iter(specs.values())))
+        (p for n, p in specs.items() if n != "base" and p not in models.PRESETS),
+        next(iter(specs.values())))
     enc_processor = models.load_processor(models.resolve_model(encoder, seed=cfg.seed))
 
     def count_tokens(s):
         return len(enc_processor.tokenizer(s, add_special_tokens=False)["input_ids"])
 
     # ---- each model in turn: generate, sample, score
-    results = {"data": cfg.data, "n_prompts": len(rows), "k": cfg.k, "encoder": encoder, "config": asdict(cfg),
-               "models": {}, "teacher": None}
+    results = {"data": cfg.data, "n_prompts": len(rows), "k": cfg.k, "encoder": encoder,
+               "config": asdict(cfg), "models": {}, "teacher": None}
     texts = {}
     for name, path in specs.items():
         t0 = time.time()
         model, processor, _ = models.load_model(path, device, seed=cfg.seed)
         results["models"][name], texts[name] = evaluate_model(
-            model, processor, rows, cfg.k, cfg.max_new_tokens, cfg.batch_size, cfg.temperature, cfg.token_budget,
-            count_tokens, cfg.seed)
-        results["models"][name].update(path=path, params=models.count_params(model)[0], time_s=round(time.time() - t0, 1))
+            model, processor, rows, cfg.k, cfg.max_new_tokens, cfg.batch_size, cfg.temperature,
+            cfg.token_budget, count_tokens, cfg.seed)
+        results["models"][name].update(path=path, params=models.count_params(model)[0],
+                                       time_s=round(time.time() - t0, 1))
         del model
         g = results["models"][name]["greedy"]
-        print(f"{name}: greedy acc {_f(g['acc'])}, mean@{cfg.k} {_f(_get(results['models'][name], 'sampled', 'acc'))},"
-              f" format {_f(g['format'])}, perception {_f(_get(g, 'perception', 'acc'))} ({time.time() - t0:.1f}s)")
+        print(f"{name}: greedy acc {_f(g['acc'])}, "
+              f"mean@{cfg.k} {_f(_get(results['models'][name], 'sampled', 'acc'))},"
+              f" format {_f(g['format'])}, perception {_f(_get(g, 'perception', 'acc'))}"
+              f" ({time.time() - t0:.1f}s)")
 
     # ---- drift from the teacher: the same frozen encoder and bandwidth for every model
     if has_teacher:
-        results["teacher"] = {"greedy": summarise([score_response(t, r, count_tokens) for t, r in zip(teacher, rows)])}
+        teacher_records = [score_response(t, r, count_tokens) for t, r in zip(teacher, rows)]
+        results["teacher"] = {"greedy": summarise(teacher_records)}
         encoder_model, _, _ = models.load_model(encoder, device, seed=cfg.seed)
         encoder_model.eval()
         tok = enc_processor.tokenizer
@@ -533,27 +580,34 @@ def main(argv=None):
         results["bandwidth"] = bandwidth
         for name, t in texts.items():
             drift = results["models"][name]["drift"] = {}
-            for kind in ("greedy", "sampled"):  # the k samples: n * k responses against n references
+            # the k samples: n * k responses against n references
+            for kind in ("greedy", "sampled"):
                 if t[kind]:
                     e = embed(encoder_model, tok, t[kind], cfg.batch_size)  # (n or n * k, H)
-                    drift[kind] = {"mmd2": mmd2(e, ref, bandwidth), "frechet": frechet(e, ref), "n": len(e)}
+                    drift[kind] = {"mmd2": mmd2(e, ref, bandwidth),
+                                   "frechet": frechet(e, ref),
+                                   "n": len(e)}
         del encoder_model
 
     # ---- save: results, tables, plots
     results["time_s"] = round(time.time() - t_start, 1)
     common.write_json_atomic(os.path.join(cfg.out_dir, "results.json"), results)
     table = markdown_table(results)
-    notes = [f"Data: {cfg.data}, {len(rows)} prompts; mean@{cfg.k} at temperature {cfg.temperature}."]
+    notes = [f"Data: {cfg.data}, {len(rows)} prompts; "
+             f"mean@{cfg.k} at temperature {cfg.temperature}."]
     if has_teacher:
-        notes.append(f"MMD^2 / Frechet: greedy responses vs teacher references, mean-pooled hidden states of "
-                     f"{encoder} (frozen, text only), RBF bandwidth {bandwidth:.3f} (median heuristic on the teacher set).")
+        notes.append(f"MMD^2 / Frechet: greedy responses vs teacher references, mean-pooled hidden "
+                     f"states of {encoder} (frozen, text only), RBF bandwidth {bandwidth:.3f} "
+                     "(median heuristic on the teacher set).")
     with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
         f.write(table + "\n\n" + "\n".join(notes) + "\n")
     plot_accuracy(results, os.path.join(cfg.out_dir, "accuracy.png"))
     if cfg.align_log and os.path.exists(cfg.align_log):
-        plot_align_gaps(read_jsonl(cfg.align_log), os.path.join(cfg.out_dir, "align_gaps.png"), cfg.smooth)
+        plot_align_gaps(read_jsonl(cfg.align_log), os.path.join(cfg.out_dir, "align_gaps.png"),
+                        cfg.smooth)
     else:
-        print(f"note: no alignment log ({cfg.align_log or '--align_log not given'}): align_gaps.png skipped")
+        print(f"note: no alignment log ({cfg.align_log or '--align_log not given'}): "
+              "align_gaps.png skipped")
     rl = {n: read_jsonl(p) for n, p in parse_named(cfg.rl_logs).items() if os.path.exists(p)}
     for n, p in parse_named(cfg.rl_logs).items():
         if not os.path.exists(p):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 
 def _group_index(group_ids):
-    """Map arbitrary ids (not sorted, not contiguous) to 0..G-1: returns (inverse (B,), count (G,))."""
+    """Map arbitrary ids (not sorted, not contiguous) to 0..G-1 -> (inverse (B,), count (G,))."""
     _, inv = torch.unique(group_ids, return_inverse=True)  # (B,) values in [0, G)
     count = torch.bincount(inv)  # (G,) rollouts per group
     return inv, count
@@ -37,12 +37,13 @@ def _group_index(group_ids):
 
 def _group_normalise(x, group_ids, norm_std=True, eps=1e-6):
     """(x - mean_g) / (std_g + eps) per group, unbiased std (correction 1); mean_g only if not
-    norm_std. A group of size 1 uses mean 0, std 1 (docs/algorithms.md#notation), so a singleton keeps its raw value:
-    it has no siblings to be compared with, and its unbiased std would be 0/0."""
+    norm_std. A group of size 1 uses mean 0, std 1 (docs/algorithms.md#notation), so a singleton
+    keeps its raw value: it has no siblings to compare with, and its unbiased std would be 0/0."""
     inv, count = _group_index(group_ids)
     n = count.to(x.dtype)  # (G,)
     mean = torch.zeros_like(n).index_add_(0, inv, x) / n  # (G,)
-    sq = torch.zeros_like(n).index_add_(0, inv, (x - mean[inv]) ** 2)  # (G,) sum of squared deviations
+    # the sum of squared deviations from the group mean
+    sq = torch.zeros_like(n).index_add_(0, inv, (x - mean[inv]) ** 2)  # (G,)
     std = (sq / (n - 1).clamp_min(1)).sqrt()  # (G,) unbiased
     single = count == 1
     mean = torch.where(single, 0.0, mean)
@@ -69,8 +70,10 @@ def group_advantages(rewards, group_ids, norm_std=True, eps=1e-6):
     return _group_normalise(_as_float(rewards), group_ids, norm_std, eps)
 
 
-def prism_advantages(cap_scores, cot_scores, format_valid, group_ids, alpha=0.5, format_penalty=1.5, eps=1e-6):
-    """PRISM alignment advantage from the discriminator's scores (arXiv 2604.28123; docs/algorithms.md).
+def prism_advantages(cap_scores, cot_scores, format_valid, group_ids, alpha=0.5,
+                     format_penalty=1.5, eps=1e-6):
+    """PRISM alignment advantage from the discriminator's scores (arXiv 2604.28123;
+    docs/algorithms.md).
 
         F_i     = 1 if rollout i is format-invalid else 0
         s_i     = min_{j valid in g} s_j - 1   for invalid i   (-1 if no rollout of g is valid)
@@ -85,10 +88,13 @@ def prism_advantages(cap_scores, cot_scores, format_valid, group_ids, alpha=0.5,
     normed = []
     for s in (_as_float(cap_scores), _as_float(cot_scores)):
         inf = torch.full(count.shape, float("inf"), dtype=s.dtype, device=s.device)  # (G,)
-        group_min = inf.scatter_reduce(0, inv, torch.where(valid, s, float("inf")), "amin")  # (G,) min over valid
-        fill = torch.where(torch.isinf(group_min), -1.0, group_min - 1)[inv]  # (B,) value for invalid rows
+        # each group's minimum over its valid rollouts
+        group_min = inf.scatter_reduce(0, inv, torch.where(valid, s, float("inf")), "amin")  # (G,)
+        # the value an invalid rollout gets in place of its score
+        fill = torch.where(torch.isinf(group_min), -1.0, group_min - 1)[inv]  # (B,)
         normed.append(_group_normalise(torch.where(valid, s, fill), group_ids, True, eps))
-    return alpha * normed[0] + (1 - alpha) * normed[1] - format_penalty * (~valid).to(normed[0].dtype)
+    return (alpha * normed[0] + (1 - alpha) * normed[1]
+            - format_penalty * (~valid).to(normed[0].dtype))
 
 
 def overlong_penalty(lengths, max_len, buffer, factor=1.0):
@@ -108,13 +114,15 @@ def overlong_penalty(lengths, max_len, buffer, factor=1.0):
 
 
 def dynamic_sampling_keep(acc, group_ids):
-    """DAPO dynamic sampling (arXiv 2503.14476): (B,) bool, True for rows of groups whose accuracies
-    are not all equal. All-correct or all-wrong groups have zero advantage for every rollout, so they
-    only dilute the batch. A group of size 1 is all-equal and is dropped. acc (B,) float/bool."""
+    """DAPO dynamic sampling (arXiv 2503.14476): (B,) bool, True for rows of groups whose
+    accuracies are not all equal. All-correct or all-wrong groups have zero advantage for every
+    rollout, so they only dilute the batch. A group of size 1 is all-equal and is dropped. acc (B,)
+    float/bool."""
     a = _as_float(acc)
     inv, count = _group_index(group_ids)
-    lo = torch.full(count.shape, float("inf"), dtype=a.dtype, device=a.device).scatter_reduce(0, inv, a, "amin")
-    hi = torch.full(count.shape, -float("inf"), dtype=a.dtype, device=a.device).scatter_reduce(0, inv, a, "amax")
+    inf = torch.full(count.shape, float("inf"), dtype=a.dtype, device=a.device)  # (G,)
+    lo = inf.scatter_reduce(0, inv, a, "amin")  # (G,)
+    hi = (-inf).scatter_reduce(0, inv, a, "amax")  # (G,)
     return (hi > lo)[inv]
 
 
@@ -125,7 +133,8 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 
 
 def aggregate(loss_mat, mask, mode, max_len=None, global_tokens=None, global_seqs=None):
-    """Reduce a (B, T) loss matrix L with mask M (float or bool) to a scalar (docs/algorithms.md#loss-aggregation).
+    """Reduce a (B, T) loss matrix L with mask M (float or bool) to a scalar
+    (docs/algorithms.md#loss-aggregation).
 
         token-mean              sum(L*M) / N_tok                              (DAPO)
         seq-mean-token-mean     sum_i [sum_t L*M / sum_t M] / N_seq           (GRPO)
@@ -134,10 +143,11 @@ def aggregate(loss_mat, mask, mode, max_len=None, global_tokens=None, global_seq
 
     N_tok = valid tokens, N_seq = non-empty rows (mask sum > 0); empty rows contribute nothing.
     Micro-batches and ranks: pass the WHOLE optimizer step's N_tok as global_tokens (token-mean) or
-    N_seq as global_seqs (seq-mean-*); then the micro-batch losses SUM to the full-batch loss, and so
-    do their gradients. Default None = this batch's own count (correct for a single batch only;
-    averaging per-micro-batch means over-weights short answers - a classic accumulation bug). Under
-    DDP, whose gradient is a mean over ranks, multiply the loss by world size or pass counts/world.
+    N_seq as global_seqs (seq-mean-*); then the micro-batch losses SUM to the full-batch loss, and
+    so do their gradients. Default None = this batch's own count (correct for a single batch only;
+    averaging per-micro-batch means over-weights short answers - a classic accumulation bug).
+    Under DDP, whose gradient is a mean over ranks, multiply the loss by world size or pass
+    counts/world.
 
     seq-mean-token-sum-norm: max_len is the fixed generation budget (required; the padded T would
     change from batch to batch), and N_seq the number of sequences, as Dr. GRPO's 1/G and verl's
@@ -145,7 +155,8 @@ def aggregate(loss_mat, mask, mode, max_len=None, global_tokens=None, global_seq
     gradient clipping. Its micro-batches take global_seqs like the seq-mean modes.
     An all-empty mask gives 0 (still attached to the graph), never NaN."""
     valid = mask > 0  # (B, T) bool
-    masked = torch.where(valid, loss_mat, 0.0)  # (B, T); where, not L*M: garbage (inf) in padding stays out
+    # where, not L*M: garbage (inf) in padding stays out
+    masked = torch.where(valid, loss_mat, 0.0)  # (B, T)
     if mode == "seq-mean-token-sum-norm" and max_len is None:
         raise ValueError("seq-mean-token-sum-norm needs max_len (the fixed generation budget)")
     m = mask.to(loss_mat.dtype)
@@ -176,12 +187,13 @@ def _nonzero(denom, like):
 
 
 def kl_k3(logp, ref_logp):
-    """Low-variance KL estimator, per token (B, T) (Schulman's "k3"; docs/algorithms.md#kl-estimator):
+    """Low-variance KL estimator, per token (B, T) (Schulman's "k3";
+    docs/algorithms.md#kl-estimator):
 
         k = ref_logp - logp,   kl = exp(k) - k - 1   >= 0, = 0 iff logp == ref_logp
 
-    Unbiased for KL(pi || pi_ref) when tokens are sampled from pi. k is clamped to [-20, 20] like the
-    policy ratio, so one wild token cannot overflow exp."""
+    Unbiased for KL(pi || pi_ref) when tokens are sampled from pi. k is clamped to [-20, 20] like
+    the policy ratio, so one wild token cannot overflow exp."""
     k = (ref_logp - logp).clamp(-20, 20)  # (B, T)
     return torch.exp(k) - k - 1
 
@@ -190,11 +202,12 @@ def clipped_surrogate(ratio, advantages, eps_low, eps_high, dual_clip=None):
     """PPO's clipped per-token loss (B, T) and where clipping changed it (B, T) bool.
 
         loss_t = max(-A * rho_t, -A * clip(rho_t, 1 - eps_low, 1 + eps_high))    (PPO / GRPO)
-        where A < 0:  loss_t = min(loss_t, -A * c)       (dual clip, arXiv 1912.09729; c = dual_clip)
+        where A < 0:  loss_t = min(loss_t, -A * c)   (dual clip, arXiv 1912.09729; c = dual_clip)
 
     Where the clipped branch wins, clip() has zero gradient: the token stops pushing the policy
-    further in the direction its advantage wants. Dual clip bounds the loss (and zeroes the gradient)
-    of a negative-advantage token whose ratio exploded. ratio (B, T); advantages (B,) or (B, T)."""
+    further in the direction its advantage wants. Dual clip bounds the loss (and zeroes the
+    gradient) of a negative-advantage token whose ratio exploded. ratio (B, T); advantages (B,) or
+    (B, T)."""
     A = advantages.detach()
     if A.dim() == 1 and ratio.dim() == 2:
         A = A[:, None]  # (B, 1) broadcast over tokens
@@ -355,14 +368,16 @@ def bt_loss(teacher_scores, student_scores, valid, n_valid=None):
 
     teacher_scores, student_scores (B,); valid (B,) bool. No valid row -> 0, still attached to the
     graph; the paper's all-invalid fallback is a different loss and lives in disc_loss. Invalid rows
-    are excluded with where(), so whatever score they carry cannot leak into the loss. n_valid: the
-    mean's denominator when these rows are one chunk of a larger batch (default: their own count)."""
+    are excluded with where(), so whatever score they carry cannot leak into the loss. n_valid:
+    the mean's denominator when these rows are one chunk of a larger batch (default: their own
+    count)."""
     v = valid.bool()
     per_row = torch.where(v, -F.logsigmoid(teacher_scores - student_scores), 0.0)  # (B,)
     return per_row.sum() / max(int(v.sum()) if n_valid is None else n_valid, 1)
 
 
-def disc_loss(t_cap, t_cot, s_cap, s_cot, valid, reg=1e-3, fallback=0.01, any_valid=None, n_valid=None, n_rows=None):
+def disc_loss(t_cap, t_cot, s_cap, s_cot, valid, reg=1e-3, fallback=0.01, any_valid=None,
+              n_valid=None, n_rows=None):
     """PRISM discriminator loss (arXiv 2604.28123;
     docs/algorithms.md#discriminator-loss) -> (loss, metrics).
 
@@ -376,9 +391,9 @@ def disc_loss(t_cap, t_cot, s_cap, s_cot, valid, reg=1e-3, fallback=0.01, any_va
     loss, so it carries no reg term. It keeps the teacher scores moving up (and D's graph alive for
     DDP) when every rollout broke the format. any_valid is a python bool the caller computes across
     ranks (one all-reduce); None = valid.any() of this batch. BT means are per rank.
-    Chunks: with n_valid / n_rows (the whole batch's valid-row and row counts) the BT and regulariser
-    means divide by those, so the losses of chunks of the batch add up to the batch's loss (not for
-    the fallback, whose mean sits inside a log-sigmoid: give it the whole batch).
+    Chunks: with n_valid / n_rows (the whole batch's valid-row and row counts) the BT and
+    regulariser means divide by those, so the losses of chunks of the batch add up to the batch's
+    loss (not for the fallback, whose mean sits inside a log-sigmoid: give it the whole batch).
     All inputs (B,); valid (B,) bool. metrics (floats, 0 when nothing is valid): acc_cap/acc_cot =
     fraction of valid rows with t > s, gap_cap/gap_cot = mean of t - s over valid rows."""
     v = valid.bool()

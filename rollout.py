@@ -52,8 +52,8 @@ from model import even_split, gathered, hf_model, input_device, unwrap, vision_t
 class Rollouts:
     """One step's rollouts: B prompts x N samples, rollout i belongs to prompt group[i]."""
     rows: list               # the B prompt rows (data.load_prompts format)
-    prompt: dict             # processor output for the B prompts, left padded: input_ids (B, P), ...
-    pixels: list             # per prompt: its pixel patches (n_patches, D) and grid rows (n_images, 3)
+    prompt: dict             # processor output for B prompts, left padded: input_ids (B, P), ...
+    pixels: list             # per prompt: pixel patches (n_patches, D) and grid rows (n_images, 3)
     ids: torch.Tensor        # (BN, T) sampled tokens, right padded with the pad id
     mask: torch.Tensor       # (BN, T) float, 1 for sampled tokens (up to and including <|im_end|>)
     logp: torch.Tensor       # (BN, T) log-prob of each sampled token under the sampling policy
@@ -132,7 +132,8 @@ def global_advantages(fn, group, rank, world, layout, *values):
 
 def prompt_order(seed, cursor, count, n):
     """Dataset indices at stream positions [cursor, cursor + count): a fresh seeded permutation per
-    pass over the data. A pure function, so a resumed run (which saves the cursor) continues exactly."""
+    pass over the data. A pure function, so a resumed run (which saves the cursor) continues
+    exactly."""
     out = []
     for pos in range(cursor, cursor + count):
         gen = torch.Generator().manual_seed(seed * 100_003 + pos // n)
@@ -160,7 +161,8 @@ def _per_prompt_pixels(enc, rows):
 def _prompt_batch(enc, pixels, prompts, device):
     """The processor outputs (enc) of a subset of the prompts (a list of indices), on device; pixels
     is _per_prompt_pixels(enc, rows). Used to cut sampling chunks and re-scoring micro-batches."""
-    sub = {k: enc[k][prompts] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
+    sub = {k: enc[k][prompts] for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+           if k in enc}
     # only the images of these prompts; none at all when they are text-only (an empty image list
     # would still send the vision tower an empty batch)
     chosen = [pixels[g] for g in prompts if pixels[g][0] is not None and len(pixels[g][1])]
@@ -193,9 +195,9 @@ def _sample_token(logits, temperature, top_p):
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    # inverse-CDF draw: the first token whose cumulative mass exceeds u ~ U(0, total). Exact, and 20x
-    # cheaper on CPU than torch.multinomial (one random number per row instead of a sort); a masked
-    # token adds no mass, so the strict ">" (right=True) can never land on it
+    # inverse-CDF draw: the first token whose cumulative mass exceeds u ~ U(0, total). Exact, and
+    # 20x cheaper on CPU than torch.multinomial (one random number per row instead of a sort); a
+    # masked token adds no mass, so the strict ">" (right=True) can never land on it
     cdf = probs.cumsum(-1)  # (b, V)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]  # (b, 1)
     token = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[1] - 1)  # (b, 1)
@@ -207,7 +209,8 @@ def _sample_chunk(m, enc, n, max_new_tokens, temperature, top_p, blocked, eos_id
     """Prefill b prompts once, copy their KV cache n times, then decode b*n rows together.
 
     Decode steps call the language model and the LM head directly: the multimodal wrapper around
-    them only adds Python overhead per token once the image is in the cache (~15% of a tiny step)."""
+    them only adds Python overhead per token once the image is in the cache (~15% of a tiny
+    step)."""
     b = enc["input_ids"].shape[0]
     hf = hf_model(m)
     language_model, lm_head = hf.model.language_model, hf.lm_head
@@ -223,8 +226,9 @@ def _sample_chunk(m, enc, n, max_new_tokens, temperature, top_p, blocked, eos_id
     prompt_mask = enc["attention_mask"].repeat_interleave(n, dim=0)  # (bn, P)
     attn = torch.cat([prompt_mask, prompt_mask.new_ones(b * n, max_new_tokens)], dim=1)  # (bn, P+T)
     if hf.config._attn_implementation in ("sdpa", "eager"):
-        # built once as the additive 4-D mask the attention kernels take (0 = attend, min = padding),
-        # then sliced per step: transformers would otherwise rebuild it from the 2-D mask every token
+        # built once as the additive 4-D mask the attention kernels take (0 = attend, min =
+        # padding), then sliced per step: transformers would otherwise rebuild it from the 2-D mask
+        # every token
         dtype = next(language_model.parameters()).dtype
         attn = ((1 - attn[:, None, None, :].to(dtype)) * torch.finfo(dtype).min)  # (bn, 1, 1, P+T)
     ids, logps = [], []
@@ -239,8 +243,8 @@ def _sample_chunk(m, enc, n, max_new_tokens, temperature, top_p, blocked, eos_id
         if done.all() or t == max_new_tokens - 1:
             break
         positions = (start + t).view(1, -1, 1).expand(3, -1, -1)  # (3, bn, 1) same for t, h, w
-        out = language_model(input_ids=token, attention_mask=attn[..., :P + t + 1], position_ids=positions,
-                             past_key_values=cache, use_cache=True)
+        out = language_model(input_ids=token, attention_mask=attn[..., :P + t + 1],
+                             position_ids=positions, past_key_values=cache, use_cache=True)
         logits, cache = lm_head(out.last_hidden_state[:, -1]), out.past_key_values  # (bn, V)
     ids = torch.cat(ids, dim=1)  # (bn, t)
     # a token counts if it was sampled while the row was still running: up to and including EOS
@@ -249,7 +253,8 @@ def _sample_chunk(m, enc, n, max_new_tokens, temperature, top_p, blocked, eos_id
     return ids, mask, torch.stack(logps, dim=1) * mask, done, first
 
 
-def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p=1.0, token_budget=65536):
+def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p=1.0,
+           token_budget=65536):
     """Sample n responses for each prompt row (data.load_prompts format) -> Rollouts.
 
     Prompts are processed in chunks of at most `token_budget` rollout tokens (chunk prompts x n x
@@ -267,11 +272,13 @@ def sample(model, processor, rows, n, max_new_tokens=128, temperature=1.0, top_p
     per_chunk = max(1, token_budget // (n * (prompt_len + max_new_tokens)))
     pixels = _per_prompt_pixels(enc, rows)
     pieces = []
-    with gathered(m):  # under FSDP: full weights for the whole sampling phase, no per-token collectives
+    # under FSDP: full weights for the whole sampling phase, no per-token collectives
+    with gathered(m):
         for c in range(0, len(rows), per_chunk):
             sub = _prompt_batch(enc, pixels, list(range(c, min(c + per_chunk, len(rows)))), device)
-            pieces.append([x.cpu() for x in _sample_chunk(m, sub, n, max_new_tokens, temperature, top_p,
-                                                          blocked, eos_id, pad_id)])
+            chunk = _sample_chunk(m, sub, n, max_new_tokens, temperature, top_p, blocked, eos_id,
+                                  pad_id)
+            pieces.append([x.cpu() for x in chunk])
     m.train(was_training)
     # chunks may stop at different lengths: right-pad to the longest
     T = max(p[0].shape[1] for p in pieces)
@@ -297,9 +304,10 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
 
     so a group of N rollouts costs one prompt + N completions instead of N prompt+completions (the
     prompt is ~120 tokens and a completion <= 64 on the tiny benchmark: 2.3x fewer tokens). The
-    gradient flows back through the shared keys/values into the prompt forward, so it is exactly the
-    gradient of the plain forward. Gradient checkpointing cannot return the cache; with it we run the
-    plain forward on prompt + completion instead (share_prefix=False does the same, for tests)."""
+    gradient flows back through the shared keys/values into the prompt forward, so it is exactly
+    the gradient of the plain forward. Gradient checkpointing cannot return the cache; with it we
+    run the plain forward on prompt + completion instead (share_prefix=False does the same, for
+    tests)."""
     m = unwrap(model)
     device = input_device(m)
     idx = torch.as_tensor(idx, device="cpu")
@@ -312,14 +320,17 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
     attn = torch.cat([prompt["attention_mask"][local], mask.long()], dim=1)  # (b, P+T)
     prompt_pos, _ = _prompt_positions(m, prompt)  # (3, u, P): as sampling numbered the prompts
     start = rollouts.next_pos[prompts].to(device)[local]  # (b,) position of the first sampled token
-    positions = (start[:, None] + torch.arange(T, device=device)).unsqueeze(0).expand(3, -1, -1)  # (3, b, T)
-    checkpointing = any(getattr(x, "gradient_checkpointing", False) is True for x in hf_model(m).modules())
+    text_pos = start[:, None] + torch.arange(T, device=device)  # (b, T)
+    positions = text_pos.unsqueeze(0).expand(3, -1, -1)  # (3, b, T)
+    checkpointing = any(getattr(x, "gradient_checkpointing", False) is True
+                        for x in hf_model(m).modules())
     if not share_prefix or (checkpointing and m.training):
-        full = dict(prompt, input_ids=torch.cat([prompt["input_ids"][local], ids], dim=1), attention_mask=attn,
-                    image_grid_thw=prompt.get("image_grid_thw"),
+        full = dict(prompt, input_ids=torch.cat([prompt["input_ids"][local], ids], dim=1),
+                    attention_mask=attn, image_grid_thw=prompt.get("image_grid_thw"),
                     position_ids=torch.cat([prompt_pos[:, local], positions], dim=2))  # (3, b, P+T)
         if "mm_token_type_ids" in prompt:  # completion tokens are text: type 0
-            full["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"][local], torch.zeros_like(ids)], dim=1)
+            full["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"][local],
+                                                   torch.zeros_like(ids)], dim=1)
         if "pixel_values" in prompt:  # every rollout row needs its own copy of its prompt's image
             full["pixel_values"] = torch.cat([rollouts.pixels[g][0] for g in groups]).to(device)
             full["image_grid_thw"] = torch.cat([rollouts.pixels[g][1] for g in groups]).to(device)
@@ -330,7 +341,8 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
         # (u, 1, V): predicts each first token
         out = m(**prompt, position_ids=prompt_pos, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        cache.batch_select_indices(local)  # (u, ...) -> (b, ...): rollout i reads its prompt's keys/values
+        # (u, ...) -> (b, ...): rollout i reads its prompt's keys/values
+        cache.batch_select_indices(local)
         rest = m(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
                  use_cache=True).logits  # (b, T, V): position t predicts token t+1
         logits = torch.cat([out.logits[local], rest[:, :-1]], dim=1)  # (b, T, V)
@@ -340,11 +352,13 @@ def completion_logprobs(model, rollouts, idx, temperature=1.0, share_prefix=True
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (b, T)
 
 
-def pass_rates(model, processor, rows, n, max_new_tokens, temperature=1.0, token_budget=65536, batch=16):
+def pass_rates(model, processor, rows, n, max_new_tokens, temperature=1.0, token_budget=65536,
+               batch=16):
     """Estimate each prompt's pass rate from n samples (docs/algorithms.md#difficulty-filter)."""
     rates = []
     for i in range(0, len(rows), batch):
-        r = sample(model, processor, rows[i:i + batch], n, max_new_tokens, temperature, token_budget=token_budget)
+        r = sample(model, processor, rows[i:i + batch], n, max_new_tokens, temperature,
+                   token_budget=token_budget)
         acc = torch.tensor([data.reward(t, r.rows[g]["ground_truth"])["acc"]
                             for t, g in zip(r.texts, r.group.tolist())], device="cpu")
         rates += acc.view(-1, n).mean(-1).tolist()
@@ -421,15 +435,19 @@ def concat(parts):
     for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
         if k in parts[0].prompt:
             fill = pad_id if k == "input_ids" else 0
-            prompt[k] = torch.cat([F.pad(p.prompt[k], (P - p.prompt[k].shape[1], 0), value=fill) for p in parts])
+            prompt[k] = torch.cat([F.pad(p.prompt[k], (P - p.prompt[k].shape[1], 0), value=fill)
+                                   for p in parts])
     if "image_grid_thw" in parts[0].prompt:
         prompt["image_grid_thw"] = torch.cat([p.prompt["image_grid_thw"] for p in parts])
     offsets = torch.tensor([0] + [len(p.rows) for p in parts], device="cpu").cumsum(0)
     return Rollouts(
-        rows=[row for p in parts for row in p.rows], prompt=prompt, pixels=[x for p in parts for x in p.pixels],
+        rows=[row for p in parts for row in p.rows], prompt=prompt,
+        pixels=[x for p in parts for x in p.pixels],
         ids=torch.cat([F.pad(p.ids, (0, T - p.ids.shape[1]), value=pad_id) for p in parts]),
         mask=torch.cat([F.pad(p.mask, (0, T - p.ids.shape[1])) for p in parts]),
         logp=torch.cat([F.pad(p.logp, (0, T - p.ids.shape[1])) for p in parts]),
-        group=torch.cat([p.group + o for p, o in zip(parts, offsets)]), texts=[t for p in parts for t in p.texts],
-        lengths=torch.cat([p.lengths for p in parts]), truncated=torch.cat([p.truncated for p in parts]),
+        group=torch.cat([p.group + o for p, o in zip(parts, offsets)]),
+        texts=[t for p in parts for t in p.texts],
+        lengths=torch.cat([p.lengths for p in parts]),
+        truncated=torch.cat([p.truncated for p in parts]),
         blocked=parts[0].blocked, pad_id=pad_id, next_pos=torch.cat([p.next_pos for p in parts]))

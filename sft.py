@@ -1,11 +1,12 @@
 """Stage 1 of PRISM: supervised fine-tuning (SFT) on multimodal demonstrations.
 
-What it does: teaches the policy the answer format <caption>…</caption><think>…</think><answer>…
-</answer> and a first version of the task, by next-token cross-entropy on demonstration answers.
+What it does: teaches the policy the answer format
+<caption>…</caption><think>…</think><answer>…</answer> and a first version of the task, by
+next-token cross-entropy on demonstration answers.
 
 The algorithm (docs/algorithms.md#sft), and where we differ from the paper:
-  - loss = cross-entropy on assistant tokens only (system, prompt and image tokens carry label -100);
-    we also train on each assistant turn's closing <|im_end|> so generation learns to stop.
+  - loss = cross-entropy on assistant tokens only (system, prompt and image tokens carry label
+    -100); we also train on each assistant turn's closing <|im_end|> so generation learns to stop.
   - the loss is a token mean over the whole optimizer step: every micro-batch and every rank divides
     its summed token losses by the step's global token count, so gradient accumulation and data
     parallelism give exactly the gradient of one big batch (a per-micro-batch mean would weight
@@ -15,17 +16,19 @@ The algorithm (docs/algorithms.md#sft), and where we differ from the paper:
     learn to see). AdamW, cosine schedule with linear warm-up (paper:
     lr 1e-5, 10% warm-up, 1 epoch). The tiny embedded model trains from random weights, so its
     defaults differ: lr 2e-3, betas (0.9, 0.95), a fixed number of steps over several epochs.
-  - data: the paper mixes a large "public" SFT set with a small high-fidelity teacher set; the default
-    here does the same with the synthetic task's two demonstrators (task.py).
+  - data: the paper mixes a large "public" SFT set with a small high-fidelity teacher set; the
+    default here does the same with the synthetic task's two demonstrators (task.py).
 
 Run it:
   CPU, embedded tiny model (about 5 minutes on 2 cores):
       python sft.py
   one GPU, QLoRA on a real model and the official sharegpt files:
-      python sft.py --model Qwen3-VL-4B --qlora --grad_ckpt --data sft_mix.json --val_data val.parquet \\
-          --lr 1e-5 --batch_size 32 --micro_batch_size 2 --steps 2000 --max_len 8192
+      python sft.py --model Qwen3-VL-4B --qlora --grad_ckpt --data sft_mix.json \\
+          --val_data val.parquet --lr 1e-5 --batch_size 32 --micro_batch_size 2 --steps 2000 \\
+          --max_len 8192
   one node, 8 processes (FSDP2: weights, gradients and AdamW states sharded; --dist ddp replicates):
-      torchrun --nproc_per_node=8 sft.py --model Qwen3-VL-4B --dist fsdp --data sft_mix.json --lr 1e-5 ...
+      torchrun --nproc_per_node=8 sft.py --model Qwen3-VL-4B --dist fsdp --data sft_mix.json \\
+          --lr 1e-5 ...
 The result is out_dir/final (a Hugging Face folder) for align.py / rlvr.py --model.
 """
 import contextlib
@@ -50,9 +53,10 @@ import task
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "tiny"  # tiny | small | Qwen3-VL-2B/4B/8B | hub id | local folder (e.g. a checkpoint)
-    data: str = "data/tiny/sft_public.json,data/tiny/sft_teacher.json"  # comma-separated sharegpt JSON/JSONL files
-    val_data: str = "data/tiny/val.parquet"  # prompt file (parquet/JSONL) with ground truths and teacher answers
+    model: str = "tiny"  # tiny | small | Qwen3-VL-2B/4B/8B | hub id | local dir (e.g. a checkpoint)
+    data: str = ("data/tiny/sft_public.json,"  # comma-separated sharegpt JSON/JSONL files
+                 "data/tiny/sft_teacher.json")
+    val_data: str = "data/tiny/val.parquet"  # parquet/JSONL prompts, ground truths, teacher answers
     out_dir: str = "runs/sft"  # checkpoints, metrics.jsonl, final model
     seed: int = 0  # seed for data order and initialisation (each rank adds its rank)
     steps: int = 1200  # optimizer steps
@@ -71,21 +75,25 @@ class Config:
     max_new_tokens: int = 128  # generation budget in evaluation
     save_every: int = 300  # checkpoint every this many steps
     resume: bool = False  # continue from out_dir's latest checkpoint
-    stop_after: int = 0  # stop after this step without the final save, as if interrupted (0 = run to --steps)
+    stop_after: int = 0  # stop after this step, no final save, as if interrupted (0 = off)
     skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping
     lora: bool = False  # train LoRA adapters on the language model instead of all weights
     qlora: bool = False  # 4-bit nf4 base weights + LoRA (needs bitsandbytes)
     lora_r: int = 16  # LoRA rank
-    vision: Literal["auto", "frozen", "trained"] = "auto"  # the vision tower + projector; auto freezes pretrained ones (paper) but trains the random-init embedded ones
+    # the vision tower + projector; auto freezes pretrained ones (paper) but trains the random-init
+    # embedded ones (a frozen random encoder cannot learn to see)
+    vision: Literal["auto", "frozen", "trained"] = "auto"  # auto: frozen if pretrained else trained
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
-    pack: Literal["auto", "on", "off"] = "auto"  # padding-free micro-batches (rows end to end); auto: on with flash_attention_2
+    # padding-free micro-batches: a micro-batch's rows laid end to end in one row (see pack())
+    pack: Literal["auto", "on", "off"] = "auto"  # padding-free; auto: on with flash_attention_2
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
-    grad_ckpt: bool = False  # gradient checkpointing: less activation memory, one extra forward per step
-    dist: Literal["ddp", "fsdp"] = "ddp"  # data parallel strategy under torchrun: ddp (full replicas) | fsdp (FSDP2 sharding)
+    grad_ckpt: bool = False  # gradient checkpointing: less activation memory, +1 forward per step
+    # the data-parallel strategy under torchrun
+    dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 sharding)
     cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
-    cache_encoded: bool = True  # keep tokenised rows in memory after first use (off for mixtures larger than RAM)
-    max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row (each one is skipped; 0 = never)
+    cache_encoded: bool = True  # keep tokenised rows in RAM after first use (off for data > RAM)
+    max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row, each skipped (0 = never)
 
 
 def lr_at(step, cfg):
@@ -95,7 +103,8 @@ def lr_at(step, cfg):
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, cfg.steps - warmup)
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (cfg.min_lr_frac
+                     + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @functools.lru_cache(maxsize=2)
@@ -108,13 +117,15 @@ def epoch_order(seed, epoch, n):
 def step_positions(step, batch_size, n, seed):
     """Dataset indices of optimizer step `step`. A pure function of (step, seed): resuming at step k
     replays exactly the batches an uninterrupted run would have seen."""
-    return [epoch_order(seed, pos // n, n)[pos % n] for pos in range(step * batch_size, (step + 1) * batch_size)]
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [epoch_order(seed, pos // n, n)[pos % n] for pos in positions]
 
 
 # ----------------------------------------------------------------------------- helpers
 def token_loss_sum(model, batch):
-    """Summed cross-entropy over label tokens, and their count. We shift ourselves instead of passing
-    labels= to the model, because the model would return a mean over this micro-batch only."""
+    """Summed cross-entropy over label tokens, and their count. We shift ourselves instead of
+    passing labels= to the model, because the model would return a mean over this micro-batch
+    only."""
     labels = batch.pop("labels")
     logits = model(**batch).logits[:, :-1]  # (B, T-1, V): position t predicts token t+1
     targets = labels[:, 1:]  # (B, T-1)
@@ -134,10 +145,12 @@ def pack(model, batch):
     packed rows only when no KV cache is passed."""
     keep = batch["attention_mask"].bool()  # (B, T)
     rope, _ = models.hf_model(model).model.get_rope_index(
-        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch.get("image_grid_thw"),
         attention_mask=batch["attention_mask"])  # (3, B, T)
     text = keep.long().cumsum(-1) - 1  # (B, T): 0, 1, 2, ... within each row
-    packed = {k: batch[k][keep][None] for k in ("input_ids", "labels", "mm_token_type_ids")}  # (1, N) each
+    token_keys = ("input_ids", "labels", "mm_token_type_ids")
+    packed = {k: batch[k][keep][None] for k in token_keys}  # (1, N) each
     packed["position_ids"] = torch.cat([text[None], rope])[:, keep][:, None]  # (4, 1, N)
     packed.update({k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
     return {**packed, "use_cache": False}
@@ -147,15 +160,16 @@ def pack(model, batch):
 def evaluate(model, processor, val_rows, val_items, cfg, rank, world, device):
     """Validation loss on the teacher answers, plus greedy pass@1 accuracy and format-valid rate.
 
-    Each rank takes every world-th row; the sums are all-reduced so every rank sees the same numbers.
-    We run the unwrapped model: a DDP forward may broadcast buffers, a collective that would hang
-    when ranks hold different numbers of validation batches."""
+    Each rank takes every world-th row; the sums are all-reduced so every rank sees the same
+    numbers. We run the unwrapped model: a DDP forward may broadcast buffers, a collective that
+    would hang when ranks hold different numbers of validation batches."""
     model = models.unwrap(model)
     model.eval()
     loss_sum = torch.zeros(2, device="cpu")  # (summed token loss, token count)
     with models.gathered(model):  # FSDP: full weights, so uneven batch counts need no collectives
         for i in range(rank * cfg.eval_batch_size, len(val_items), world * cfg.eval_batch_size):
-            batch = data.collate_sft(val_items[i:i + cfg.eval_batch_size], processor.tokenizer.pad_token_id)
+            batch = data.collate_sft(val_items[i:i + cfg.eval_batch_size],
+                                     processor.tokenizer.pad_token_id)
             loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
             loss_sum += torch.stack([loss.cpu(), n.cpu().float()])
     mine = val_rows[rank::world]
@@ -166,9 +180,11 @@ def evaluate(model, processor, val_rows, val_items, cfg, rank, world, device):
     common.all_reduce_sum(loss_sum)  # every rank needs the global numbers to log the same line
     common.all_reduce_sum(counts)
     model.train()
-    samples = [{"prompt": row["messages"][-1]["content"], "response": r, "ground_truth": row["ground_truth"], **x}
+    samples = [{"prompt": row["messages"][-1]["content"], "response": r,
+                "ground_truth": row["ground_truth"], **x}
                for r, row, x in list(zip(responses, mine, rewards))[:3]]
-    return {"val_loss": (loss_sum[0] / loss_sum[1]).item(), "val_acc": (counts[0] / counts[2]).item(),
+    return {"val_loss": (loss_sum[0] / loss_sum[1]).item(),
+            "val_acc": (counts[0] / counts[2]).item(),
             "val_format": (counts[1] / counts[2]).item()}, samples
 
 
@@ -179,32 +195,39 @@ def main(argv=None):
     rank, world, device, log = common.start(cfg)
     master = rank == 0
     if cfg.batch_size % world:
-        raise SystemExit(f"error: --batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+        raise SystemExit(f"error: --batch_size {cfg.batch_size} must be divisible by the "
+                         f"{world} ranks")
 
     # ---- data (files only; the embedded task is written by task.py when its folder is missing)
     try:
         if master:
             task.ensure_default(cfg.data.split(",") + [cfg.val_data], log=log)
         common.barrier()  # the other ranks read the files rank 0 may have just written
-        rows = [r for path in cfg.data.split(",") for r in data.load_sft(path, cfg.skip_bad_rows, log=log)]
-        val_rows = data.load_prompts(cfg.val_data, require_teacher=True, skip_bad_rows=cfg.skip_bad_rows, log=log)[:cfg.eval_rows]
+        rows = [r for path in cfg.data.split(",")
+                for r in data.load_sft(path, cfg.skip_bad_rows, log=log)]
+        val_rows = data.load_prompts(cfg.val_data, require_teacher=True,
+                                     skip_bad_rows=cfg.skip_bad_rows, log=log)[:cfg.eval_rows]
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
 
     # ---- model
     model, processor, resume_from = models.load_policy(cfg, device, log)
     # validation loss is measured on the teacher's answers to the validation prompts
-    val_items = [data.encode_sft({"messages": r["messages"] + [{"role": "assistant", "content": r["teacher_response"]}],
-                                  "images": r["images"]}, processor) for r in val_rows]
+    val_items = [data.encode_sft(
+        {"messages": r["messages"] + [{"role": "assistant", "content": r["teacher_response"]}],
+         "images": r["images"]}, processor) for r in val_rows]
     log(f"data: {len(rows)} training conversations, {len(val_rows)} validation prompts")
     model = models.wrap_distributed(model, device, cfg.dist, cpu_offload=cfg.cpu_offload)
 
     # ---- optimizer: AdamW, no weight decay on norms and biases (1-D tensors)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+    decay_params = [p for p in params if p.dim() >= 2]
+    nodecay_params = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay_params, "weight_decay": cfg.weight_decay},
+                                   {"params": nodecay_params, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, cfg.beta2))
-    start_step, bad = 0, {"bad_steps": 0, "bad_streak": 0}  # steps skipped for NaN/Inf: in all, in a row
+    # bad counts the steps skipped for NaN/Inf: in all, and in a row
+    start_step, bad = 0, {"bad_steps": 0, "bad_streak": 0}
     if resume_from:
         state = common.load_trainer_state(resume_from, rank)
         models.load_optimizer_state(model, optimizer, state["optimizer"])
@@ -235,8 +258,9 @@ def main(argv=None):
         return x
 
     record = {}
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not master, desc="sft",
-               mininterval=1 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s, not 3 per second
+    # mininterval: a log file gets a line every 30 s, not 3 per second
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps,
+               disable=not master, desc="sft", mininterval=1 if sys.stderr.isatty() else 30)
     model.train()
     for step in bar:
         t0 = time.time()
@@ -255,22 +279,25 @@ def main(argv=None):
         # padding copies of the first one count 0 (models.even_split)
         starts, real = models.even_split(list(range(0, len(mine), micro)))
         for n_done, (j, keep) in enumerate(zip(starts, real), 1):
-            batch = {k: v.to(device) for k, v in data.collate_sft(mine[j:j + micro], pad_id).items()}
+            collated = data.collate_sft(mine[j:j + micro], pad_id)
+            batch = {k: v.to(device) for k, v in collated.items()}
             if packing:
                 batch = pack(model, batch)
             # DDP all-reduces gradients in backward; skipping that on all but the last micro-batch
             # saves one collective per micro-batch and gives the same sum.
             last = n_done == len(starts)
-            sync = model.no_sync() if (world > 1 and not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            skip_sync = world > 1 and not last and hasattr(model, "no_sync")
+            sync = model.no_sync() if skip_sync else contextlib.nullcontext()
             with sync:
                 loss_sum, _ = token_loss_sum(model, batch)
-                # DDP and our FSDP setup average gradients over ranks; multiplying by world turns that
-                # average back into the global sum / global token count.
+                # DDP and our FSDP setup average gradients over ranks; multiplying by world turns
+                # that average back into the global sum / global token count.
                 (loss_sum * (world if keep else 0) / n_tokens).backward()
             loss_total += loss_sum.item() if keep else 0.0
         grad_norm = common.clip_grad_norm(params, cfg.grad_clip)
-        # the loss is the global token mean (all_reduce: each rank summed only its rows). It and the
-        # (DDP-averaged) gradient norm are the same on every rank, so all ranks skip a NaN/Inf step together.
+        # the loss is the global token mean (all_reduce: each rank summed only its rows). It and
+        # the (DDP-averaged) gradient norm are the same on every rank, so all ranks skip a NaN/Inf
+        # step together.
         loss = common.all_reduce_sum(torch.tensor(loss_total, device="cpu")) / n_tokens.clamp_min(1)
         why = common.nonfinite(loss=loss, grad_norm=grad_norm)
         if not why:
@@ -280,13 +307,19 @@ def main(argv=None):
 
         # ---- log
         dt = time.time() - t0
-        record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
-                  "tokens_per_s": round(n_tokens.item() / dt, 1), "step_s": round(dt, 3),
-                  "peak_mem_mb": round(common.peak_memory_mb(device), 1), "skipped_long_rows": len(too_long),
+        record = {"step": step + 1,
+                  "loss": round(loss.item(), 5),
+                  "lr": lr,
+                  "grad_norm": round(grad_norm.item(), 4),
+                  "tokens_per_s": round(n_tokens.item() / dt, 1),
+                  "step_s": round(dt, 3),
+                  "peak_mem_mb": round(common.peak_memory_mb(device), 1),
+                  "skipped_long_rows": len(too_long),
                   "bad_steps": bad["bad_steps"]}
         last_step = step + 1 == cfg.steps
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last_step:
-            scores, samples = evaluate(model, processor, val_rows, val_items, cfg, rank, world, device)
+            scores, samples = evaluate(model, processor, val_rows, val_items, cfg, rank, world,
+                                       device)
             record.update({k: round(v, 4) for k, v in scores.items()})
             if master:
                 for s in samples:
@@ -299,22 +332,27 @@ def main(argv=None):
         # ---- checkpoint (never on a skipped step, nor after too many of them in a row)
         common.stop_if_diverged(bad, cfg.max_bad_steps, step + 1, cfg.out_dir)
         if ((cfg.save_every and (step + 1) % cfg.save_every == 0) or last_step) and not why:
-            common.save_checkpoint(cfg.out_dir, step + 1, lambda path: models.save_pretrained(model, processor, path),
-                                   {"optimizer": models.optimizer_state(model, optimizer), "step": step + 1,
+            common.save_checkpoint(cfg.out_dir, step + 1,
+                                   lambda path: models.save_pretrained(model, processor, path),
+                                   {"optimizer": models.optimizer_state(model, optimizer),
+                                    "step": step + 1,
                                     "bad_steps": bad["bad_steps"]}, info, rank)
         if cfg.stop_after and step + 1 >= cfg.stop_after:
             log(f"stopping after step {step + 1} (--stop_after); continue with --resume")
             return
 
     # ---- save
-    log(f"saved {common.save_final(cfg.out_dir, lambda path: models.save_pretrained(model, processor, path), info)}")
+    final_dir = common.save_final(cfg.out_dir,
+                                  lambda path: models.save_pretrained(model, processor, path), info)
+    log(f"saved {final_dir}")
     if master:
         # The held-out summary; the synthetic task's meta.json knows the text-only chance rate
         meta = os.path.join(os.path.dirname(cfg.val_data), "meta.json")
         chance = json.load(open(meta))["chance"]["overall"] if os.path.exists(meta) else None
         if "val_acc" in record:
             log(f"\n| held-out ({cfg.val_data}, {len(val_rows)} prompts) | after SFT |\n|---|---|\n"
-                f"| format-valid rate | {record['val_format']:.3f} |\n| answer accuracy (greedy pass@1) | {record['val_acc']:.3f} |"
+                f"| format-valid rate | {record['val_format']:.3f} |\n"
+                f"| answer accuracy (greedy pass@1) | {record['val_acc']:.3f} |"
                 + (f"\n| text-only chance rate | {chance:.3f} |" if chance is not None else ""))
     common.finish()
 
