@@ -72,7 +72,9 @@ def sample_per_prompt(sample):
         parts = []
         for row in rows:
             with torch.random.fork_rng():
-                torch.manual_seed(zlib.crc32(repr((row["messages"], row["images"])).encode()))
+                # the image's file name, not its path: the data folder is a fresh temporary one
+                key = repr((row["messages"], [os.path.basename(str(x)) for x in row["images"]]))
+                torch.manual_seed(zlib.crc32(key.encode()))
                 parts.append(sample(model, processor, [row], n, *args, **kwargs))
         return rollout.concat(parts)
     return per_prompt
