@@ -21,7 +21,8 @@ LIMITS = {"parse 1 MB": 1.0, "pathological answers (pair)": 2.0, "random maths":
 
 
 def worst(label, calls):
-    """(label, worst seconds, its input) over calls, a list of (description, zero-argument function)."""
+    """(label, worst seconds, its input) over calls: a list of (description, function of no
+    arguments)."""
     top = (0.0, "")
     for what, fn in calls:
         start = time.perf_counter()
@@ -40,17 +41,20 @@ def main():
 
     answers_match("\\sqrt{4}", "2")  # the one-time sympy import is not a call's time
     rng = random.Random(args.seed)
-    maths = [("".join(rng.choices(T.MATHY_TOKENS, k=rng.randint(1, 25))),
-              "".join(rng.choices(T.MATHY_TOKENS, k=rng.randint(1, 12)))) for _ in range(args.random)]
+    def mathy(longest):
+        return "".join(rng.choices(T.MATHY_TOKENS, k=rng.randint(1, longest)))
+    maths = [(mathy(25), mathy(12)) for _ in range(args.random)]
+    pairs = [(bad, truth) for bad in T.PATHOLOGICAL for truth in ["3", "10", bad]]
     rows = [
         worst("parse 1 MB", [(text[:30], lambda t=text: (parse_response(t), split_segments(t)))
                              for text in T.ADVERSARIAL]),
-        worst("pathological answers (pair)", [(f"{bad[:20]} vs {truth[:20]}",
-                                               lambda b=bad, t=truth: (answers_match(b, t), answers_match(t, b)))
-                                              for bad in T.PATHOLOGICAL for truth in ["3", "10", bad]]),
-        worst("random maths", [(f"{p[:20]} vs {t[:20]}", lambda p=p, t=t: answers_match(p, t)) for p, t in maths]),
-        worst("parse", [(p[:30], lambda p=p, t=t: parse_response(f"<caption>{p}</caption><think>{t}</think>"
-                                                            f"<answer>{p}</answer>")) for p, t in maths]),
+        worst("pathological answers (pair)",
+              [(f"{b[:20]} vs {t[:20]}", lambda b=b, t=t: (answers_match(b, t),
+                                                          answers_match(t, b))) for b, t in pairs]),
+        worst("random maths", [(f"{p[:20]} vs {t[:20]}", lambda p=p, t=t: answers_match(p, t))
+                               for p, t in maths]),
+        worst("parse", [(p[:30], lambda p=p, t=t: parse_response(
+            f"<caption>{p}</caption><think>{t}</think><answer>{p}</answer>")) for p, t in maths]),
     ]
     print("| check | worst s | limit s | input |\n|---|---|---|---|")
     over = 0

@@ -88,7 +88,8 @@ VISION_TOKENS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision
 def letter_count(processor, letter):
     """(V,) how many times each token writes `letter` (special tokens write nothing)."""
     tok = processor.tokenizer
-    return torch.tensor([float(tok.decode([v], skip_special_tokens=True).count(letter)) for v in range(len(tok))])
+    pieces = [tok.decode([v], skip_special_tokens=True) for v in range(len(tok))]
+    return torch.tensor([float(piece.count(letter)) for piece in pieces])
 
 
 def first_token_mean(model, processor, rows, value):
@@ -100,5 +101,5 @@ def first_token_mean(model, processor, rows, value):
         logits = model(**enc).logits[:, -1].float()  # (B, V)
     blocked = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS)
     logits[:, blocked] = float("-inf")
-    value = torch.nn.functional.pad(value, (0, logits.shape[-1] - len(value)))  # padded vocabulary: 0
+    value = torch.nn.functional.pad(value, (0, logits.shape[-1] - len(value)))  # padded vocab: 0
     return (logits.softmax(-1) @ value).mean().item()

@@ -25,8 +25,8 @@ import discriminator
 import model as models
 import rl_losses
 import rollout
-from helpers import (fake_reward, fake_split_segments, first_token_mean, letter_count, sample_per_prompt, torchrun,
-                     write_task)
+from helpers import (fake_reward, fake_split_segments, first_token_mean, letter_count,
+                     sample_per_prompt, torchrun, write_task)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +96,8 @@ def test_resume_replays_exactly(dataset, tmp_path, monkeypatch):
     keys = ("step", "loss", "gap_cap", "gap_cot", "disc_loss", "grad_norm")
     assert [[r.get(k) for k in keys] for r in metrics(full)] == [[r.get(k) for k in keys] for r in metrics(part)]
     # both models learn at every step: a resume that lost either optimizer's state would show
-    assert all(r["grad_norm"] > 0 and r["disc_grad_norm"] > 0 and r["disc_fallback"] == 0 for r in metrics(full)[1:])
+    for r in metrics(full)[1:]:
+        assert r["grad_norm"] > 0 and r["disc_grad_norm"] > 0 and r["disc_fallback"] == 0
     for sub in ("model.safetensors", "discriminator/model.safetensors"):
         a, b = load_file(full / "final" / sub), load_file(part / "final" / sub)
         assert all(torch.equal(a[k], b[k]) for k in a), sub
@@ -128,8 +129,9 @@ def test_torchrun_two_processes(dataset, tmp_path, monkeypatch):
     for run in ("micro", "two"):
         m = metrics(tmp_path / run)
         assert [r["step"] for r in m] == [1]  # rank 0 alone writes
-        # (the logged policy loss is rank 0's share of the step's loss: compared in one process only)
-        for key in ("format_rate", "gap_cap", "gap_cot", "s_cap", "t_cot", "grad_norm") + ("loss",) * (run == "micro"):
+        keys = ["format_rate", "gap_cap", "gap_cot", "s_cap", "t_cot", "grad_norm"]
+        # the logged policy loss is rank 0's share of the step's loss: compared in one process only
+        for key in keys + ["loss"] * (run == "micro"):
             assert m[-1][key] == pytest.approx(big[key], rel=1e-3, abs=1e-5), (run, key)
 
 
@@ -165,8 +167,8 @@ def test_discriminator_learns_to_prefer_the_teacher(dataset, tmp_path, monkeypat
     D's teacher-minus-student gap, logged from the scores before each step's update, must grow
     step after step; a D trained the wrong way round would shrink it."""
     fake_valid_texts(monkeypatch)
-    align.main(args(dataset, tmp_path, "--steps", "3", "--lr", "0", "--disc_lr", "1e-4", "--eval_rows", "0",
-                    "--samples_every", "0"))
+    align.main(args(dataset, tmp_path, "--steps", "3", "--lr", "0", "--disc_lr", "1e-4",
+                    "--eval_rows", "0", "--samples_every", "0"))
     m = metrics(tmp_path)
     assert all(r["disc_fallback"] == 0 and r["disc_grad_norm"] > 0 for r in m)
     for key in ("gap_cap", "gap_cot"):
@@ -188,7 +190,7 @@ def as_answer(text):
     return f"<caption>{text}</caption>", f"<think>{text}</think><answer>1</answer>"
 
 
-def test_a_frozen_discriminator_pulls_the_policy_towards_what_it_scores_high(dataset, tmp_path, monkeypatch):
+def test_frozen_discriminator_pulls_the_policy_its_way(dataset, tmp_path, monkeypatch):
     """Direction: a frozen stand-in D that scores a segment by its number of letters e, and every
     answer valid; a few alignment steps must raise the policy's expected number of e's in its
     first token (the same measure as tests/test_rlvr.py's reward-direction test). A sign error
@@ -200,15 +202,16 @@ def test_a_frozen_discriminator_pulls_the_policy_towards_what_it_scores_high(dat
     m, processor, _ = models.load_model("tiny", torch.device("cpu"))
     value = letter_count(processor, "e")
     before = first_token_mean(m, processor, rows, value)
-    align.main(args(dataset, tmp_path, "--steps", "4", "--group_size", "8", "--lr", "1e-3", "--disc_steps", "0",
-                    "--eval_rows", "0", "--samples_every", "0", "--save_every", "0"))
+    align.main(args(dataset, tmp_path, "--steps", "4", "--group_size", "8", "--lr", "1e-3",
+                    "--disc_steps", "0", "--eval_rows", "0", "--samples_every", "0",
+                    "--save_every", "0"))
     assert all(r["grad_norm"] > 0 for r in metrics(tmp_path))
     trained, _, _ = models.load_model(str(tmp_path / "final"), torch.device("cpu"))
     after = first_token_mean(trained, processor, rows, value)
     assert after > before + 0.005, (before, after)
 
 
-def test_alpha_and_format_penalty_shape_the_advantages_the_step_used(dataset, tmp_path, monkeypatch):
+def test_alpha_and_format_penalty_shape_the_advantages(dataset, tmp_path, monkeypatch):
     """The advantages handed to the policy update are REFERENCE 3's, with the run's --alpha and
     --format_penalty: recomputed here from the rollouts' texts, a stand-in D whose caption and
     reasoning scores differ (letters e vs letters o) and half of the answers valid."""
@@ -236,7 +239,8 @@ def test_alpha_and_format_penalty_shape_the_advantages_the_step_used(dataset, tm
         s_cap = torch.tensor([float(score_of(c, "cap")) if c else 0.0 for c, _ in split])
         s_cot = torch.tensor([float(score_of(k, "cot")) if k else 0.0 for _, k in split])
         assert 0 < valid.sum() < len(valid) and not torch.equal(s_cap, s_cot)  # both terms matter
-        expected = rl_losses.prism_advantages(s_cap, s_cot, valid, r.group, alpha=alpha, format_penalty=penalty)
+        expected = rl_losses.prism_advantages(s_cap, s_cot, valid, r.group, alpha=alpha,
+                                              format_penalty=penalty)
         torch.testing.assert_close(advantages, expected)
         used.append(advantages)
     assert not torch.allclose(used[0], used[1])  # same rollouts, other settings: other advantages

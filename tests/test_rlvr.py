@@ -19,7 +19,8 @@ import model as models
 import rl_losses
 import rlvr
 import rollout
-from helpers import fake_reward, first_token_mean, letter_count, sample_per_prompt, torchrun, write_task
+from helpers import (fake_reward, first_token_mean, letter_count, sample_per_prompt, torchrun,
+                     write_task)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +42,7 @@ def metrics(out_dir):
 
 @pytest.mark.parametrize("algo", ["grpo", "dapo", "gspo"])
 def test_each_algorithm_runs_and_logs(dataset, tmp_path, algo, monkeypatch):
-    monkeypatch.setattr(data, "reward", fake_reward)  # non-zero advantages: each loss gets a gradient
+    monkeypatch.setattr(data, "reward", fake_reward)  # non-zero advantages: a gradient to compute
     rlvr.main(args(dataset, tmp_path, "--algo", algo, "--steps", "2", "--eval_every", "0"))
     m = metrics(tmp_path)
     assert [r["step"] for r in m] == [0, 1, 2]  # step 0 = the held-out starting point
@@ -113,8 +114,8 @@ def test_kl_is_k3_against_the_model_without_its_adapter(dataset, tmp_path, monke
 
     def spy(model, optimizer, params, r, advantages, idx, **kw):
         with torch.no_grad():  # both before the update, as the loss sees them
-            k = (rollout.completion_logprobs(base, r, idx, kw["temperature"])
-                 - rollout.completion_logprobs(model, r, idx, kw["temperature"]))  # (b, T) ref - logp
+            ref = rollout.completion_logprobs(base, r, idx, kw["temperature"])  # (b, T)
+            k = ref - rollout.completion_logprobs(model, r, idx, kw["temperature"])  # (b, T)
         valid = r.mask[idx] > 0
         expected = torch.where(valid, k.exp() - k - 1, 0.0).sum() / valid.sum()
         stats = real(model, optimizer, params, r, advantages, idx, **kw)
@@ -144,12 +145,13 @@ PATCHED = os.path.join(ROOT, "tests", "patched_stage.py")
 def test_torchrun_two_processes(dataset, tmp_path):
     # DAPO's refill rounds are decided across ranks (an all_reduce); the stand-in reward of
     # patched_stage.py gives mixed groups, so the updates are real
-    torchrun(PATCHED, "rlvr", *args(dataset, tmp_path, "--steps", "2", "--algo", "dapo", "--eval_every", "0"))
+    torchrun(PATCHED, "rlvr", *args(dataset, tmp_path, "--steps", "2", "--algo", "dapo",
+                                    "--eval_every", "0"))
     m = metrics(tmp_path)
     assert [r["step"] for r in m] == [0, 1, 2] and all(r["grad_norm"] > 0 for r in m[1:])
 
 
-def test_many_micro_batches_and_two_processes_give_the_one_batch_gradient(dataset, tmp_path, monkeypatch):
+def test_micro_batches_and_two_ranks_give_one_batch_gradient(dataset, tmp_path, monkeypatch):
     """One optimizer step: rollouts one per micro-batch (--token_budget 1), in one process or split
     over two, must give the gradient of one big batch. Each rollout counts by the step's global
     token / sequence counts (rl_losses.aggregate); a per-micro-batch or per-rank mean changes the
@@ -162,11 +164,11 @@ def test_many_micro_batches_and_two_processes_give_the_one_batch_gradient(datase
     for algo in ("dapo", "grpo"):
         for name, budget in (("big", "65536"), ("micro", "1")):
             runs[algo, name] = tmp_path / f"{algo}_{name}"
-            rlvr.main(args(dataset, runs[algo, name], "--steps", "1", "--algo", algo, "--dynamic_sampling", "off",
-                           "--token_budget", budget, "--eval_rows", "0"))
-    torchrun(PATCHED, "rlvr", *args(dataset, tmp_path / "two", "--steps", "1", "--algo", "dapo",
-                                    "--dynamic_sampling", "off", "--token_budget", "1", "--eval_rows", "0"),
-             env={"PATCHED_SAMPLE_PER_PROMPT": "1"})
+            rlvr.main(args(dataset, runs[algo, name], "--steps", "1", "--algo", algo, "--eval_rows",
+                           "0", "--dynamic_sampling", "off", "--token_budget", budget))
+    two = args(dataset, tmp_path / "two", "--steps", "1", "--algo", "dapo", "--eval_rows", "0",
+               "--dynamic_sampling", "off", "--token_budget", "1")
+    torchrun(PATCHED, "rlvr", *two, env={"PATCHED_SAMPLE_PER_PROMPT": "1"})
     runs["dapo", "two"] = tmp_path / "two"
     for (algo, name), out in runs.items():
         big, m = metrics(runs[algo, "big"])[-1], metrics(out)[-1]
@@ -176,7 +178,7 @@ def test_many_micro_batches_and_two_processes_give_the_one_batch_gradient(datase
             assert m[key] == pytest.approx(big[key], rel=1e-3, abs=1e-5), (algo, name, key)
 
 
-def test_a_reward_for_a_letter_moves_the_policy_towards_it_and_its_negation_away(dataset, tmp_path, monkeypatch):
+def test_letter_reward_moves_the_policy_its_way(dataset, tmp_path, monkeypatch):
     """Direction, end to end: a stand-in reward paying for every letter e in the answer raises the
     policy's expected number of e's in its first token after a few steps, and the negated reward
     lowers it. A sign error anywhere from reward to optimizer step turns one of the two around.
@@ -189,8 +191,8 @@ def test_a_reward_for_a_letter_moves_the_policy_towards_it_and_its_negation_away
     for sign in (1, -1):
         monkeypatch.setattr(data, "reward", lambda text, truth, sign=sign: dict(
             score=sign * float(text.count("e")), acc=0.0, format=1.0))
-        rlvr.main(args(dataset, tmp_path / str(sign), "--steps", "4", "--group_size", "8", "--lr", "1e-3",
-                       "--eval_rows", "0", "--save_every", "0"))
+        rlvr.main(args(dataset, tmp_path / str(sign), "--steps", "4", "--group_size", "8",
+                       "--lr", "1e-3", "--eval_rows", "0", "--save_every", "0"))
         trained, _, _ = models.load_model(str(tmp_path / str(sign) / "final"), torch.device("cpu"))
         after[sign] = first_token_mean(trained, processor, rows, value)
     assert after[1] > before + 0.005 and after[-1] < before - 0.001, (before, after)
