@@ -182,7 +182,7 @@ def test_letter_reward_moves_the_policy_its_way(dataset, tmp_path, monkeypatch):
     """Direction, end to end: a stand-in reward paying for every letter e in the answer raises the
     policy's expected number of e's in its first token after a few steps, and the negated reward
     lowers it. A sign error anywhere from reward to optimizer step turns one of the two around.
-    (Measured on seeds 0-3: base 0.207, paid 0.22-0.25, negated 0.197-0.204.)"""
+    (Measured with --seed 0-3: from 0.200 to 0.219-0.256 when paid, to 0.182-0.192 when negated.)"""
     rows = data.load_prompts(str(dataset / "rl_prompts.parquet"))
     m, processor, _ = models.load_model("tiny", torch.device("cpu"))
     value = letter_count(processor, "e")
@@ -191,11 +191,11 @@ def test_letter_reward_moves_the_policy_its_way(dataset, tmp_path, monkeypatch):
     for sign in (1, -1):
         monkeypatch.setattr(data, "reward", lambda text, truth, sign=sign: dict(
             score=sign * float(text.count("e")), acc=0.0, format=1.0))
-        rlvr.main(args(dataset, tmp_path / str(sign), "--steps", "4", "--group_size", "8",
-                       "--lr", "1e-3", "--eval_rows", "0", "--save_every", "0"))
+        rlvr.main(args(dataset, tmp_path / str(sign), "--steps", "6", "--group_size", "8",
+                       "--lr", "2e-3", "--eval_rows", "0", "--save_every", "0"))
         trained, _, _ = models.load_model(str(tmp_path / str(sign) / "final"), torch.device("cpu"))
         after[sign] = first_token_mean(trained, processor, rows, value)
-    assert after[1] > before + 0.005 and after[-1] < before - 0.001, (before, after)
+    assert after[1] > before + 0.005 and after[-1] < before - 0.003, (before, after)
 
 
 def test_update_raises_logprob_of_positive_advantage(dataset):
