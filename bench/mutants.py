@@ -29,7 +29,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-RLVR, ALIGN, ROLLOUT, SFT = (f"tests/test_{x}.py" for x in ("rlvr", "align", "rollout", "sft"))
+RLVR, ALIGN, ROLLOUT, SFT = (f"tests/test_{x}.py" for x in ["rlvr", "align", "rollout", "sft"])
+INDENT = " " * 16  # of sft.py's micro-batch loop body
+SFT_BACKWARD = ("loss_sum, _ = token_loss_sum(model, batch)\n"
+                + INDENT + "# DDP and our FSDP setup average gradients over ranks; "
+                "multiplying by world turns that\n"
+                + INDENT + "# average back into the global sum / global token count.\n"
+                + INDENT + "(loss_sum * (world if keep else 0) / n_tokens)")
 # (name, file, old, new, tests). `old` must occur exactly once in `file`.
 MUTANTS = [
     # ---- the six bugs of issue 14
@@ -77,12 +83,9 @@ MUTANTS = [
      "all_reduce_grads(params)  # sum over ranks",
      "all_reduce_grads(params, average=True)  # sum over ranks",
      [f"{RLVR}::test_micro_batches_and_two_ranks_give_one_batch_gradient"]),
-    ("sft_micro_batch_mean", "sft.py",  # each micro-batch divided by its own token count
-     "loss_sum, _ = token_loss_sum(model, batch)\n" + " " * 16 + "# DDP and our FSDP setup average "
-     "gradients over ranks; multiplying by world turns that\n" + " " * 16 + "# average back into the "
-     "global sum / global token count.\n" + " " * 16 + "(loss_sum * (world if keep else 0) / n_tokens)",
-     "loss_sum, n_micro = token_loss_sum(model, batch)\n" + " " * 16
-     + "(loss_sum * (world if keep else 0) / n_micro)",
+    ("sft_micro_batch_mean", "sft.py", SFT_BACKWARD,  # each micro-batch by its own token count
+     "loss_sum, n_micro = token_loss_sum(model, batch)\n"
+     + INDENT + "(loss_sum * (world if keep else 0) / n_micro)",
      [f"{SFT}::test_one_step_is_the_models_own_loss_and_gradient_and_lowers_the_loss"]),
     ("sft_labels_not_shifted", "sft.py",
      "targets = labels[:, 1:]  # (B, T-1)",
