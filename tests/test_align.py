@@ -212,9 +212,10 @@ def test_frozen_discriminator_pulls_the_policy_its_way(dataset, tmp_path, monkey
 
 
 def test_alpha_and_format_penalty_shape_the_advantages(dataset, tmp_path, monkeypatch):
-    """The advantages handed to the policy update are REFERENCE 3's, with the run's --alpha and
-    --format_penalty: recomputed here from the rollouts' texts, a stand-in D whose caption and
-    reasoning scores differ (letters e vs letters o) and half of the answers valid."""
+    """The advantages handed to the policy update are rl_losses.prism_advantages' with the run's
+    --alpha and --format_penalty: recomputed here from the rollouts' texts, a stand-in D whose
+    caption and reasoning scores differ (letters e vs letters o) and half of the answers valid.
+    The two settings must also give different advantages on the same rollouts."""
     def half_valid(text):
         return as_answer(text) if zlib.crc32(text.encode()) % 2 == 0 else (None, None)
 
