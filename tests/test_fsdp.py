@@ -105,6 +105,11 @@ def test_rlvr_fsdp_cpu_offload_and_grad_ckpt_change_nothing(dataset, tmp_path):
     # gradient checkpointing takes the plain forward (prompt + completion, no shared prefix): other
     # rounding, which Adam can blow up to a fraction of lr (3e-5) on near-zero gradients
     assert max_diff(weights(tmp_path / "plain" / "final"), weights(tmp_path / "offload" / "final")) < adam_tolerance(3e-5, 2)
+    # Adam moves every weight by about lr whatever the gradient's size, so the weights alone cannot
+    # tell a wrong gradient from a right one; step 1's gradient norm (same weights and rollouts) can
+    plain, offload = metrics(tmp_path / "plain")[1], metrics(tmp_path / "offload")[1]
+    assert plain["grad_norm"] > 0
+    assert offload["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
 
 
 def test_align_fsdp_matches_ddp_and_resumes_bitwise(dataset, tmp_path):

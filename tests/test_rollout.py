@@ -1,11 +1,15 @@
-"""Rollouts: the recorded sampling log-probs equal the re-scored ones, masks and chunking are right."""
+"""Rollouts: the recorded sampling log-probs equal the re-scored ones, masks and chunking are right,
+vision tokens are never sampled (their ids looked up from their names here, not by the code under
+test) and pass rates come out right on a stand-in policy whose rates are known."""
+import zlib
+
 import pytest
 import torch
 
 import data
 import model as models
 import rollout
-from helpers import write_task
+from helpers import VISION_TOKENS, write_task
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +45,16 @@ def test_masks_stop_at_eos_and_never_sample_vision_tokens(setup):
     r = rollout.sample(m, processor, rows[:2], n=8, max_new_tokens=40)
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
+    vision = set(tok.convert_tokens_to_ids(VISION_TOKENS))
+    assert tok.unk_token_id not in vision and len(vision) == 4  # every name is in the vocabulary
+    assert vision <= set(r.blocked)  # the policy leaves them all out, in sampling and re-scoring
     for i in range(len(r)):
         n = int(r.lengths[i])
         assert r.mask[i, :n].all() and not r.mask[i, n:].any()  # mask is a prefix
         valid = r.ids[i, :n].tolist()
         assert eos not in valid[:-1]  # nothing is sampled after the EOS
         assert (valid[-1] == eos) != bool(r.truncated[i]) or n == r.ids.shape[1]
-        assert not set(valid) & set(models.vision_token_ids(tok))
+        assert not set(valid) & vision
         assert (r.logp[i, n:] == 0).all()
 
 
@@ -77,11 +84,21 @@ def test_logprobs_have_gradients_and_micro_batches_cover_everything(setup):
     m.zero_grad()
 
 
-def test_pass_rates_are_fractions(setup):
+def test_pass_rates_of_a_policy_with_known_rates(setup, monkeypatch):
+    """A stand-in reward makes the pass rates known: prompt 0 always passes, prompt 1 never, and
+    the others pass with probability 1/4 (a hash of the response, whose texts all differ). The
+    estimates must be 1, 0 and about 1/4, in the prompts' order, also across batches."""
     m, processor, rows = setup
+    rows = [dict(rows[0], ground_truth="always"), dict(rows[1], ground_truth="never")] + rows[2:6]
+
+    def reward(text, truth):
+        acc = {"always": 1.0, "never": 0.0}.get(truth, float(zlib.crc32(text.encode()) % 4 == 0))
+        return dict(score=acc, acc=acc, format=1.0)
+    monkeypatch.setattr(data, "reward", reward)
     torch.manual_seed(5)
-    rates = rollout.pass_rates(m, processor, rows[:3], n=4, max_new_tokens=8)
-    assert len(rates) == 3 and all(r in (0, 0.25, 0.5, 0.75, 1.0) for r in rates)
+    rates = rollout.pass_rates(m, processor, rows, n=16, max_new_tokens=8, batch=4)
+    assert len(rates) == 6 and rates[:2] == [1.0, 0.0]
+    assert 0.05 < sum(rates[2:]) / 4 < 0.5, rates
 
 
 def test_shared_prefix_gives_the_plain_forwards_gradient(setup):

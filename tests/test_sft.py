@@ -1,4 +1,7 @@
-"""SFT end to end on the tiny model: a short run, resume, torchrun, bad input from the command line."""
+"""SFT end to end on the tiny model: a short run, resume, torchrun, bad input from the command line,
+and one step checked against transformers' own loss: the logged loss and gradient norm are the
+model's mean cross-entropy over the step's answer tokens and its gradient (whatever the
+micro-batches), and that loss is lower after the step."""
 import json
 import os
 import subprocess
@@ -51,6 +54,8 @@ def test_resume_continues_at_the_same_step_with_the_same_loss(dataset, tmp_path)
     a, b = metrics(straight), metrics(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    assert all(r["grad_norm"] > 0 for r in a)  # a real update at every step for resume to get wrong
     from safetensors.torch import load_file
     wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -131,3 +136,28 @@ def test_packed_run_matches_padded_run(dataset, tmp_path):
     sft.main(args(dataset, tmp_path / "packed", "--steps", "3", "--eval_every", "0", "--threads", "1", "--pack", "on"))
     padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "packed")
     assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], abs=2e-4)
+
+
+def test_one_step_is_the_models_own_loss_and_gradient_and_lowers_the_loss(dataset, tmp_path):
+    """One optimizer step of 8 rows in 4 micro-batches, checked against transformers' loss with
+    labels= (it shifts the labels itself and takes the mean over the batch's answer tokens): the
+    logged loss must be that number, the logged gradient norm (before clipping) that of its
+    gradient; a per-micro-batch mean would give about 4x the norm. And the step must lower the
+    same batch's loss."""
+    sft.main(args(dataset, tmp_path, "--steps", "1", "--micro_batch_size", "2", "--eval_rows", "1",
+                  "--max_new_tokens", "2", "--threads", "1"))
+    logged = metrics(tmp_path)[0]
+    rows = [r for f in ("sft_public", "sft_teacher") for r in data.load_sft(f"{dataset}/{f}.json")]
+    m, processor, _ = models.load_model("tiny", torch.device("cpu"), train_vision=True)
+    first = sft.step_positions(0, 8, len(rows), seed=0)  # the rows of step 1, in sft.py's order
+    step0 = [data.encode_sft(rows[i], processor) for i in first]
+    batch = data.collate_sft(step0, processor.tokenizer.pad_token_id)
+    loss = m(**batch).loss  # transformers' own shifted, token-mean cross-entropy
+    loss.backward()
+    norm = torch.stack([p.grad.norm() for p in m.parameters() if p.grad is not None]).norm()
+    assert logged["loss"] == pytest.approx(loss.item(), abs=1e-4)
+    assert logged["grad_norm"] == pytest.approx(norm.item(), rel=1e-3) and norm > 0
+    trained, _, _ = models.load_model(str(tmp_path / "final"), torch.device("cpu"))
+    with torch.no_grad():
+        after = trained(**batch).loss.item()
+    assert after < loss.item() - 0.01, (loss.item(), after)
