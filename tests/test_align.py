@@ -223,12 +223,12 @@ def test_alpha_and_format_penalty_shape_the_advantages(dataset, tmp_path, monkey
         return segment.count("e" if which == "cap" else "o")
     monkeypatch.setattr(data, "split_segments", half_valid)
     stand_in_discriminator(monkeypatch, score_of)
-    real, seen = rollout.policy_update, []
+    real, seen = rollout.step_counts, []
 
-    def spy(model, optimizer, params, r, advantages, idx, **kw):
+    def spy(r, mb, advantages):  # called once per optimizer step, with the step's advantages
         seen.append((r, advantages.clone()))
-        return real(model, optimizer, params, r, advantages, idx, **kw)
-    monkeypatch.setattr(rollout, "policy_update", spy)
+        return real(r, mb, advantages)
+    monkeypatch.setattr(rollout, "step_counts", spy)
     used = []
     for alpha, penalty in ((1.0, 3.0), (0.0, 0.0)):
         seen.clear()

@@ -110,18 +110,25 @@ def test_kl_is_k3_against_the_model_without_its_adapter(dataset, tmp_path, monke
     the identity, so step 1's KL is 0 and step 2, after a large step, is the one that can differ."""
     monkeypatch.setattr(data, "reward", fake_reward)
     base, _, _ = models.load_model("tiny", torch.device("cpu"))
-    real, seen = rollout.policy_update, []
+    seen, pending = [], []
+    real_logprobs, real_loss = rollout.completion_logprobs, rl_losses.policy_loss
 
-    def spy(model, optimizer, params, r, advantages, idx, **kw):
-        with torch.no_grad():  # both before the update, as the loss sees them
-            ref = rollout.completion_logprobs(base, r, idx, kw["temperature"])  # (b, T)
-            k = ref - rollout.completion_logprobs(model, r, idx, kw["temperature"])  # (b, T)
-        valid = r.mask[idx] > 0
-        expected = torch.where(valid, k.exp() - k - 1, 0.0).sum() / valid.sum()
-        stats = real(model, optimizer, params, r, advantages, idx, **kw)
-        seen.append((expected.item(), stats["kl"]))
-        return stats
-    monkeypatch.setattr(rollout, "policy_update", spy)
+    def logprobs_spy(model, r, idx, temperature=1.0, **kw):
+        out = real_logprobs(model, r, idx, temperature, **kw)
+        if torch.is_grad_enabled():  # the policy's own forward in an update (not the reference's)
+            with torch.no_grad():
+                pending.append((real_logprobs(base, r, idx, temperature), r.mask[idx]))
+        return out
+
+    def loss_spy(logp, old_logp, advantages, mask, algo, **kw):
+        loss, m = real_loss(logp, old_logp, advantages, mask, algo, **kw)
+        ref, valid = pending.pop()
+        k = ref - logp.detach()  # (b, T), both before the update
+        expected = torch.where(valid > 0, k.exp() - k - 1, 0.0).sum() / (valid > 0).sum()
+        seen.append((expected.item(), m["kl"]))
+        return loss, m
+    monkeypatch.setattr(rollout, "completion_logprobs", logprobs_spy)
+    monkeypatch.setattr(rl_losses, "policy_loss", loss_spy)
     rlvr.main(args(dataset, tmp_path, "--steps", "2", "--lora", "--kl_coef", "0.1", "--lr", "1e-2",
                    "--eval_rows", "0"))
     assert seen[0][0] < 1e-9 and seen[1][0] > 1e-4, seen  # there is a KL to get wrong at step 2
@@ -199,8 +206,8 @@ def test_letter_reward_moves_the_policy_its_way(dataset, tmp_path, monkeypatch):
 
 
 def test_update_raises_logprob_of_positive_advantage(dataset):
-    """The whole path (rollout -> completion_logprobs -> policy_loss -> AdamW) moves the policy the way
-    the advantage says: up for A > 0, down for A < 0."""
+    """completion_logprobs -> policy_loss -> backward -> SGD moves the policy the way the advantage
+    says: up for A > 0, down for A < 0."""
     torch.manual_seed(0)
     m, processor, _ = models.load_model("tiny", torch.device("cpu"))
     rows = data.load_prompts(str(dataset / "rl_prompts.parquet"))[:1]
@@ -209,30 +216,50 @@ def test_update_raises_logprob_of_positive_advantage(dataset):
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)
     before = (r.logp * r.mask).sum(-1)
-    rollout.policy_update(m, opt, params, r, adv, torch.arange(2), algo="grpo", loss_kwargs={}, grad_clip=0)
+    every = torch.arange(2)
+    logp = rollout.completion_logprobs(m, r, every)
+    loss, _ = rl_losses.policy_loss(logp, r.logp, adv, r.mask, rl_losses.algo("grpo"))
+    loss.backward()
+    opt.step()
     with torch.no_grad():
-        after = (rollout.completion_logprobs(m, r, torch.arange(2)) * r.mask).sum(-1)
+        after = (rollout.completion_logprobs(m, r, every) * r.mask).sum(-1)
     assert after[0] > before[0] and after[1] < before[1]
-    assert rl_losses.LOSSES["grpo"] is rl_losses.grpo_loss
 
 
-def test_a_new_loss_is_one_function_and_one_dict_entry(dataset, tmp_path, monkeypatch):
-    # the README's example, verbatim: vanilla policy gradient (REINFORCE with the group baseline)
-    def pg_loss(logp, old_logp, advantages, mask, agg="token-mean", max_len=None,
-                global_tokens=None, global_seqs=None):
+def test_a_new_loss_is_one_function_and_one_table_row(dataset, tmp_path, monkeypatch):
+    """Vanilla policy gradient (REINFORCE with the group baseline) added as the README says: one
+    function with the common signature, one row of ALGOS; --algo pg then trains."""
+    def pg_loss(logp, old_logp, advantages, mask, algo):
         """L = -A_i * logp_t: no ratio, no clipping (Williams 1992)."""
         loss_t = -advantages.detach()[:, None] * logp  # (B, T)
-        loss = rl_losses.aggregate(loss_t, mask, agg, max_len, global_tokens, global_seqs)
-        return loss, {"pg_tokens": float(mask.sum())}
+        return loss_t, torch.zeros_like(mask, dtype=torch.bool), torch.ones_like(logp)
 
-    monkeypatch.setitem(rl_losses.LOSSES, "pg", pg_loss)
+    monkeypatch.setitem(rl_losses.ALGOS, "pg", dict(rl_losses.ALGOS["grpo"], loss=pg_loss,
+                                                    agg="token-mean"))
     monkeypatch.setattr(data, "reward", fake_reward)
     rlvr.main(args(dataset, tmp_path, "--algo", "pg", "--steps", "1", "--eval_every", "0"))
     assert metrics(tmp_path)[1]["grad_norm"] > 0
 
 
+@pytest.mark.parametrize("algo", ["drgrpo", "cispo"])
+def test_the_shipped_examples_train_in_both_rl_stages(algo, dataset, tmp_path, monkeypatch):
+    """Dr. GRPO and CISPO, the two algorithms added as one function and one row, run in rlvr.py
+    and align.py with a learning signal."""
+    import align
+    from helpers import fake_split_segments
+    monkeypatch.setattr(data, "reward", fake_reward)
+    monkeypatch.setattr(data, "split_segments", fake_split_segments)
+    rlvr.main(args(dataset, tmp_path / "rl", "--algo", algo, "--steps", "1", "--eval_rows", "0"))
+    assert metrics(tmp_path / "rl")[-1]["grad_norm"] > 0
+    align.main(["--model", "tiny", "--disc", "tiny", "--algo", algo, "--data",
+                f"{dataset}/align_prompts.parquet", "--out_dir", str(tmp_path / "al"),
+                "--steps", "1", "--prompts_per_step", "2", "--group_size", "4",
+                "--max_new_tokens", "12", "--eval_rows", "0", "--threads", "1"])
+    assert metrics(tmp_path / "al")[-1]["grad_norm"] > 0
+
+
 def test_unknown_algo_is_one_line(dataset, tmp_path):
-    with pytest.raises(SystemExit, match="not in rl_losses.LOSSES"):
+    with pytest.raises(SystemExit, match="unknown algorithm 'ppo2'; known: grpo, dapo"):
         rlvr.main(args(dataset, tmp_path, "--algo", "ppo2"))
 
 
