@@ -33,25 +33,24 @@ RLVR, ALIGN, ROLLOUT, SFT = (f"tests/test_{x}.py" for x in ["rlvr", "align", "ro
 INDENT = " " * 16  # of sft.py's micro-batch loop body
 SFT_BACKWARD = ("loss_sum, _ = token_loss_sum(model, batch)\n"
                 + INDENT + "# DDP and our FSDP setup average gradients over ranks; "
-                "multiplying by world turns that\n"
-                + INDENT + "# average back into the global sum / global token count.\n"
+                "multiplying by world turns\n"
+                + INDENT + "# that average back into the global sum / global token count.\n"
                 + INDENT + "(loss_sum * (world if keep else 0) / n_tokens)")
 # (name, file, old, new, tests). `old` must occur exactly once in `file`.
 MUTANTS = [
     # ---- the six bugs of issue 14
     ("disc_loss_swapped", "align.py",
-     "rl_losses.disc_loss(t_cap[g], t_cot[g], s_cap, s_cot,",
-     "rl_losses.disc_loss(s_cap, s_cot, t_cap[g], t_cot[g],",
+     "rl_losses.disc_loss(t_c[g], t_t[g], s_c, s_t,",
+     "rl_losses.disc_loss(s_c, s_t, t_c[g], t_t[g],",
      [f"{ALIGN}::test_discriminator_learns_to_prefer_the_teacher"]),
-    ("no_step_wide_counts", "rollout.py",
-     "global_tokens=counts[0].item(),\n"
-     "                                                global_seqs=counts[1].item()",
-     "global_tokens=None,\n"
-     "                                                global_seqs=None",
+    ("no_step_wide_counts", "rlvr.py",
+     "step_tokens=tokens, step_seqs=seqs,",
+     "step_tokens=None, step_seqs=None,",
      [f"{RLVR}::test_micro_batches_and_two_ranks_give_one_batch_gradient"]),
     ("alpha_and_penalty_dropped", "align.py",
-     "rl_losses.prism_advantages(s_cap, s_cot, valid, r.group, cfg.alpha, cfg.format_penalty)",
-     "rl_losses.prism_advantages(s_cap, s_cot, valid, r.group)",
+     "rl_losses.prism_advantages(cap, cot, ok.bool(), g, cfg.alpha,\n"
+     "                                                               cfg.format_penalty)",
+     "rl_losses.prism_advantages(cap, cot, ok.bool(), g)",
      [f"{ALIGN}::test_alpha_and_format_penalty_shape_the_advantages"]),
     ("kl_ref_is_the_policy", "rlvr.py",
      "with models.unwrap(model).disable_adapter():",
@@ -67,21 +66,21 @@ MUTANTS = [
      [f"{ROLLOUT}::test_masks_stop_at_eos_and_never_sample_vision_tokens"]),
     # ---- our own: signs
     ("rlvr_advantage_sign", "rlvr.py",
-     "advantages = rl_losses.group_advantages(reward, r.group)",
-     "advantages = -rl_losses.group_advantages(reward, r.group)",
+     "advantages = rollout.global_advantages(",
+     "advantages = -rollout.global_advantages(",
      [f"{RLVR}::test_letter_reward_moves_the_policy_its_way"]),
     ("align_advantage_sign", "align.py",
-     "advantages = rl_losses.prism_advantages(",
-     "advantages = -rl_losses.prism_advantages(",
+     "advantages = rollout.global_advantages(",
+     "advantages = -rollout.global_advantages(",
      [f"{ALIGN}::test_frozen_discriminator_pulls_the_policy_its_way"]),
     # ---- our own: counts
     ("counts_not_summed_over_ranks", "rollout.py",
-     "counts = all_reduce_sum(torch.tensor([mask.sum(),",
-     "counts = (torch.tensor([mask.sum(),",
+     "tokens, seqs, bad = all_reduce_sum(counts).tolist()",
+     "tokens, seqs, bad = counts.tolist()",
      [f"{RLVR}::test_micro_batches_and_two_ranks_give_one_batch_gradient"]),
     ("policy_grads_averaged_over_ranks", "rollout.py",
-     "all_reduce_grads(params)  # sum over ranks",
-     "all_reduce_grads(params, average=True)  # sum over ranks",
+     "    all_reduce_grads(params)\n",
+     "    all_reduce_grads(params, average=True)\n",
      [f"{RLVR}::test_micro_batches_and_two_ranks_give_one_batch_gradient"]),
     ("sft_micro_batch_mean", "sft.py", SFT_BACKWARD,  # each micro-batch by its own token count
      "loss_sum, n_micro = token_loss_sum(model, batch)\n"
@@ -91,6 +90,14 @@ MUTANTS = [
      "targets = labels[:, 1:]  # (B, T-1)",
      "targets = labels[:, :-1]  # (B, T-1)",
      [f"{SFT}::test_one_step_is_the_models_own_loss_and_gradient_and_lowers_the_loss"]),
+    ("split_groups_not_gathered", "rollout.py",
+     "    if layout.split == 1:\n        return fn(*values, group)",
+     "    if True:\n        return fn(*values, group)",
+     ["tests/test_headline.py::test_split_groups_are_normalised_with_all_their_rollouts"]),
+    ("drgrpo_without_sequence_count", "rl_losses.py",
+     "rows = masked.sum(-1) / max_len  # (B,)",
+     "rows = masked.sum(-1) / max_len * (row_tokens > 0).sum()  # (B,)",
+     ["tests/test_rl_losses.py::test_on_policy_drgrpo_divides_by_sequences_and_budget"]),
     # ---- our own: what a resume must restore
     ("rlvr_resume_drops_optimizer_state", "rlvr.py",
      'models.load_optimizer_state(model, optimizer, state["optimizer"])',
