@@ -374,6 +374,7 @@ def main(argv=None):
         acc = torch.tensor([data.reward(t, r.rows[k]["ground_truth"])["acc"]
                             for t, k in zip(r.texts, r.group.tolist())], device="cpu")  # (BN,)
         sums = common.sum_over_ranks({
+            "loss": stats.get("loss", math.nan),  # each rank's share of the step's loss
             "gap_cap": ((t_cap[g] - s_cap) * v).sum(),
             "gap_cot": ((t_cot[g] - s_cot) * v).sum(),
             "disc_acc_cap": ((t_cap[g] > s_cap) & v).sum(),
@@ -391,7 +392,7 @@ def main(argv=None):
         dt = time.time() - t0
         record = {
             "step": step + 1,
-            "loss": round(stats.get("loss", math.nan), 5),
+            "loss": round(sums["loss"], 5),
             "gap_cap": round(sums["gap_cap"] / nv, 4),
             "gap_cot": round(sums["gap_cot"] / nv, 4),
             "disc_acc_cap": round(sums["disc_acc_cap"] / nv, 4),

@@ -41,6 +41,7 @@ Run it:
           --data rl.parquet ...
 The result is out_dir/final, a Hugging Face folder.
 """
+import dataclasses
 import json
 import math
 import os
@@ -286,33 +287,38 @@ def main(argv=None):
             lambda rw, g: rl_losses.group_advantages(rw, g, algo["norm_std"]),
             r.group, rank, world, layout, reward)
         empty = len(idx) < cfg.mini_batches
+        train = r  # the rollouts the update sees
         if empty:
             # nothing informative this step: keep the collectives in step (every rank must run the
-            # same backward calls) on the whole batch, but with zero advantages: a no-op gradient
+            # same backward calls) on the whole batch with zero advantages and no token counted,
+            # so this rank adds nothing to the gradient nor to the step's token count (which would
+            # shrink the other ranks' gradients)
             idx = torch.arange(len(r), device="cpu")
             advantages.zero_()
+            train = dataclasses.replace(r, mask=torch.zeros_like(r.mask))
 
         # ---- 5. policy update: --ppo_epochs passes x --mini_batches optimizer steps. Each step's
         # loss is the sum of its micro-batches' losses, each divided by the whole step's token /
         # sequence counts over all ranks, so the gradient is exactly one big batch's.
         updates, skipped = [], 0
         for mb in rollout.update_batches(idx, cfg.ppo_epochs, cfg.mini_batches):
-            tokens, seqs, bad_input = rollout.step_counts(r, mb, advantages)
+            tokens, seqs, bad_input = rollout.step_counts(train, mb, advantages)
             if bad_input:  # NaN/Inf advantages or log-probs on some rank: all ranks skip
                 skipped += 1
                 continue
             stats = {"loss": 0.0}
-            for micro, real in rollout.micro_batches(mb, r, cfg.token_budget):
-                logp = rollout.completion_logprobs(model, r, micro, cfg.temperature)  # (b, T)
+            for micro, real in rollout.micro_batches(mb, train, cfg.token_budget):
+                logp = rollout.completion_logprobs(model, train, micro, cfg.temperature)  # (b, T)
                 on = logp.device
-                ref = ref_logprobs(r, micro).to(on) if cfg.kl_coef else None
+                ref = ref_logprobs(train, micro).to(on) if cfg.kl_coef else None
                 loss, m = rl_losses.policy_loss(
-                    logp, r.logp[micro].to(on), advantages[micro].to(on), r.mask[micro].to(on),
+                    logp, train.logp[micro].to(on), advantages[micro].to(on),
+                    train.mask[micro].to(on),
                     algo, budget=cfg.max_new_tokens, step_tokens=tokens, step_seqs=seqs,
                     kl_coef=cfg.kl_coef, ref_logp=ref)
                 (loss * real).backward()  # a padding copy (FSDP keeps ranks in step) adds 0
                 if real:  # metrics weighted by the micro-batch's share of the step's tokens
-                    share = r.mask[micro].sum().item() / max(r.mask[mb].sum().item(), 1.0)
+                    share = train.mask[micro].sum().item() / max(train.mask[mb].sum().item(), 1.0)
                     stats["loss"] += loss.item()
                     for k, v in m.items():
                         stats[k] = stats.get(k, 0.0) + v * share
@@ -334,6 +340,7 @@ def main(argv=None):
         # ---- 6. log: rollout statistics summed over ranks (each rank sampled its own).
         # zero_adv: trained rollouts of all-equal groups (advantage 0: no signal)
         sums = common.sum_over_ranks({
+            "loss": stats["loss"],  # each rank's share of the step's loss (global counts)
             "reward": reward.sum(),
             "acc": acc.sum(),
             "format": fmt.sum(),
@@ -347,7 +354,7 @@ def main(argv=None):
         dt = time.time() - t0
         record = {
             "step": step + 1,
-            "loss": round(stats["loss"], 5),
+            "loss": round(sums["loss"], 5),
             "reward_mean": round(sums["reward"] / n, 4),
             "acc_mean": round(sums["acc"] / n, 4),
             "format_rate": round(sums["format"] / n, 4),
