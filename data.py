@@ -227,6 +227,29 @@ def _pil_open(resolved):
     return Image.open(io.BytesIO(resolved) if isinstance(resolved, bytes) else resolved)
 
 
+def prompt_length(row, processor):
+    """Tokens of a prompt row as the policy sees it: the chat text, with each image's placeholder
+    expanded to the image's tokens as the processor's resize rule gives them from the image's
+    size alone (its header is read, no pixels are decoded)."""
+    tok = processor.tokenizer
+    text = tok.apply_chat_template(chat_messages(row["messages"]), tokenize=False,
+                                   add_generation_prompt=True)
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    ip = processor.image_processor
+    for x in row["images"]:
+        with _pil_open(x) as im:
+            width, height = im.size
+        n += ip.get_number_of_image_patches(height, width, {}) // ip.merge_size ** 2 - 1
+    return n
+
+
+def drop_long_prompts(rows, processor, max_len):
+    """rows without those over max_len tokens (prompt_length) -> (kept rows, number dropped), as
+    verl's filter_overlong_prompts: a prompt cut short would lose its question or its image."""
+    kept = [r for r in rows if prompt_length(r, processor) <= max_len]
+    return kept, len(rows) - len(kept)
+
+
 def open_image(resolved):
     """What resolve_image returned -> a PIL image in RGB (the processor expects 3 channels)."""
     with _pil_open(resolved) as im:

@@ -73,7 +73,7 @@ class Config:
     max_rows: int = 0  # evaluate the first this many rows (0 = all)
     max_new_tokens: int = 128  # response budget
     batch_size: int = 64  # prompts per generate / sample / embedding call
-    token_budget: int = 65536  # rollout tokens per sampling chunk (memory knob, see rollout.sample)
+    token_budget: int = 65536  # tokens in flight per generate / sampling call (KV cache)
     encoder: str = ""  # frozen encoder for MMD/Frechet: a name or path ("" = first non-base model)
     align_log: str = ""  # align.py metrics.jsonl for the score-gap plot ("" = no plot)
     rl_logs: str = ""  # comma-separated name=metrics.jsonl of rlvr.py runs for the reward plot
@@ -272,7 +272,8 @@ def evaluate_model(model, processor, rows, k=4, max_new_tokens=128, batch_size=6
     responses, for the divergence and for inspection."""
     count_tokens = count_tokens or (
         lambda s: len(processor.tokenizer(s, add_special_tokens=False)["input_ids"]))
-    greedy = models.generate(model, processor, rows, max_new_tokens, batch_size)
+    greedy = models.generate(model, processor, rows, max_new_tokens, batch_size,
+                             token_budget=token_budget)
     greedy_records = [score_response(t, r, count_tokens) for t, r in zip(greedy, rows)]
     results = {"greedy": summarise(greedy_records), "sampled": None}
     texts = {"greedy": greedy, "sampled": []}
@@ -439,15 +440,17 @@ def plot_rl_rewards(logs, path, window=20):
 
 @torch.no_grad()
 def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_size=64, k=4,
-             seed=1234):
+             seed=1234, token_budget=None):
     """Held-out numbers on prompt rows, split over ranks, summed (all_reduce), plus three samples:
       val_acc     greedy pass@1 accuracy (reproducible, the usual headline)
       val_acc_k   mean accuracy of k samples at temperature 1 (what RL optimises; 0 = skip)
       val_format  format-valid rate (greedy), val_len mean greedy response length in tokens
     Sampling runs under its own seed inside fork_rng, so evaluating never shifts the training RNG
-    stream (a resumed run stays bitwise equal). The model is unwrapped (no DDP collectives)."""
+    stream (a resumed run stays bitwise equal). The model is unwrapped (no DDP collectives).
+    token_budget caps the rows x (prompt + max_new_tokens) of one generate call (KV cache)."""
     mine = rows[rank::world]
-    responses = models.generate(model, processor, mine, max_new_tokens, batch_size)
+    responses = models.generate(model, processor, mine, max_new_tokens, batch_size,
+                                token_budget=token_budget)
     rewards = [data.reward(x, row["ground_truth"]) for x, row in zip(responses, mine)]
     lengths = [len(processor.tokenizer(x)["input_ids"]) for x in responses]
     sampled = []
@@ -456,7 +459,8 @@ def held_out(model, processor, rows, rank=0, world=1, max_new_tokens=128, batch_
             torch.manual_seed(seed + rank)
             per_call = max(1, batch_size // k)
             for i in range(0, len(mine), per_call):
-                r = rollout.sample(model, processor, mine[i:i + per_call], k, max_new_tokens)
+                r = rollout.sample(model, processor, mine[i:i + per_call], k, max_new_tokens,
+                                   token_budget=token_budget or 65536)
                 sampled += [data.reward(t, r.rows[g]["ground_truth"])["acc"]
                             for t, g in zip(r.texts, r.group.tolist())]
     sums = common.sum_over_ranks({
@@ -484,7 +488,7 @@ def evaluate_into(record, step, cfg, model, processor, val_rows, rank, world):
     if not val_rows or not due:
         return
     scores, _ = held_out(model, processor, val_rows, rank, world, cfg.max_new_tokens,
-                         cfg.eval_batch_size, cfg.eval_k)
+                         cfg.eval_batch_size, cfg.eval_k, token_budget=cfg.token_budget)
     record.update({k: round(v, 4) for k, v in scores.items()})
     if rank == 0:
         from tqdm import tqdm

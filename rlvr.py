@@ -85,6 +85,7 @@ class Config:
     prompts_per_step: int = 8  # prompts per step, summed over ranks (paper: 32)
     group_size: int = 8  # rollouts per prompt, N (paper: 16)
     max_new_tokens: int = 128  # response budget (paper: 8192)
+    max_prompt_len: int = 2048  # longer prompts, image tokens included, are skipped (paper: 2048)
     temperature: float = 1.0  # sampling temperature; the loss uses the same one
     top_p: float = 1.0  # nucleus sampling (1 = off)
     lr: float = 3e-5  # constant learning rate (paper, real models: 1e-6)
@@ -113,7 +114,9 @@ class Config:
     # auto: frozen as in the paper, except a tower that was never trained (random-init presets)
     vision: Literal["auto", "frozen", "trained"] = "auto"  # vision tower + projector
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
+    # auto: trained weights and AdamW states in fp32 (fsdp: bf16 compute), a LoRA base in bf16
+    # where the GPU has it (model.stage_dtype); bf16 for full fine-tuning is refused
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # weights' dtype (auto: see above)
     grad_ckpt: bool = False  # gradient checkpointing
     token_budget: int = 32768  # padded tokens per forward (micro-batch size) and rollout chunk
     # image size bounds in pixels: the official runs set none, so verl's image loading applied
@@ -153,6 +156,14 @@ def main(argv=None):
 
     # ---- model
     model, processor, resume_from = models.load_policy(cfg, device, log)
+    # prompts over --max_prompt_len tokens (image tokens included) are dropped and counted, as
+    # verl's filter_overlong_prompts: truncating one would cut its question or its image
+    rows, dropped = data.drop_long_prompts(rows, processor, cfg.max_prompt_len)
+    if dropped:
+        log(f"data: {dropped} prompts over --max_prompt_len {cfg.max_prompt_len} tokens skipped")
+    if not rows:
+        raise SystemExit(f"error: no prompt of {cfg.data} fits in --max_prompt_len "
+                         f"{cfg.max_prompt_len} tokens")
     reference = None
     if cfg.kl_coef > 0 and not (cfg.lora or cfg.qlora):
         # a frozen copy of the starting policy; with LoRA, the base under the adapter is it

@@ -86,14 +86,20 @@ class Config:
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     # padding-free micro-batches: a micro-batch's rows laid end to end in one row (see pack())
     pack: Literal["auto", "on", "off"] = "auto"  # padding-free; auto: on with flash_attention_2
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
+    # auto: trained weights and AdamW states in fp32 (fsdp: bf16 compute), a LoRA base in bf16
+    # where the GPU has it (model.stage_dtype); bf16 for full fine-tuning is refused
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # weights' dtype (auto: see above)
     grad_ckpt: bool = False  # gradient checkpointing: less activation memory, +1 forward per step
-    # the data-parallel strategy under torchrun
-    dist: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 sharding)
+    # under torchrun: auto = fsdp for models of 1B+ parameters (a replica does not fit), else ddp
+    dist: Literal["auto", "ddp", "fsdp"] = "auto"  # ddp (replicas) | fsdp (FSDP2 sharding)
     cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     cache_encoded: bool = True  # keep tokenised rows in RAM after first use (off for data > RAM)
     max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row, each skipped (0 = never)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also send metrics.jsonl there
+    # image size bounds in pixels (as align.py / rlvr.py: the official runs' qwen-vl-utils bounds)
+    min_pixels: int = 4096  # smaller images are scaled up to this many pixels
+    max_pixels: int = 16777216  # larger images are scaled down to this many pixels
 
 
 def lr_at(step, cfg):
@@ -173,7 +179,9 @@ def evaluate(model, processor, val_rows, val_items, cfg, rank, world, device):
             loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
             loss_sum += torch.stack([loss.cpu(), n.cpu().float()])
     mine = val_rows[rank::world]
-    responses = models.generate(model, processor, mine, cfg.max_new_tokens, cfg.eval_batch_size)
+    # at most as many tokens in flight as a training micro-batch holds
+    responses = models.generate(model, processor, mine, cfg.max_new_tokens, cfg.eval_batch_size,
+                                token_budget=cfg.micro_batch_size * cfg.max_len)
     rewards = [data.reward(r, row["ground_truth"]) for r, row in zip(responses, mine)]
     counts = torch.tensor([sum(x["acc"] for x in rewards), sum(x["format"] for x in rewards),
                            len(rewards)], dtype=torch.float, device="cpu")
@@ -194,6 +202,8 @@ def main(argv=None):
     # ---- distributed init (torchrun sets RANK / WORLD_SIZE; without them: one process)
     rank, world, device, log = common.start(cfg)
     master = rank == 0
+    cfg.dist = models.pick_dist(cfg, world, log)  # --dist auto: by model size
+    models.check_memory("sft", cfg, world, device, log)  # on a GPU: fits, or which flags to add
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch_size {cfg.batch_size} must be divisible by the "
                          f"{world} ranks")
@@ -239,6 +249,7 @@ def main(argv=None):
     pad_id = processor.tokenizer.pad_token_id
     packing = cfg.pack == "on" or (cfg.pack == "auto" and cfg.attn == "flash_attention_2")
     metrics_path, samples_path = common.open_logs(cfg.out_dir, start_step, master)
+    write_metrics = common.metrics_writer(cfg, metrics_path, master)  # + TensorBoard / W&B
     info = common.run_info(cfg)
     from tqdm import tqdm
     # Rows are tokenised when first used (the image processor is the slow part: ~2 ms a row for the
@@ -326,7 +337,7 @@ def main(argv=None):
                     common.append_jsonl(samples_path, {"step": step + 1, **s})
                 tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
         if master:
-            common.append_jsonl(metrics_path, record)
+            write_metrics(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", refresh=False)
 
         # ---- checkpoint (never on a skipped step, nor after too many of them in a row)

@@ -87,3 +87,40 @@ def test_a_run_that_does_not_fit_names_the_flags_that_make_it_fit():
     seen = []
     memory.preflight("align", cfg, 8, 80, seen.append)
     assert seen[0].startswith("memory check: peak")
+
+
+def test_evaluation_batches_respect_the_token_budget(monkeypatch):
+    """64 prompts per call at 2,048 + 6,144 tokens would hold a ~77 GB KV cache on a 4B model:
+    generate takes fewer rows per call when rows x (prompt + new tokens) passes the budget."""
+    import data
+    m, processor, _ = models.load_model("tiny", torch.device("cpu"))
+    rows = [{"messages": [{"role": "user", "content": "how many?"}], "images": []}] * 5
+    calls = []
+    real = type(m).generate
+    monkeypatch.setattr(type(m), "generate", lambda self, **kw: calls.append(
+        kw["input_ids"].shape) or real(self, **kw))
+    width = data.encode_prompts(rows[:1], processor)["input_ids"].shape[1] + 4
+    texts = models.generate(m, processor, rows, max_new_tokens=4, batch_size=4,
+                            token_budget=2 * width)
+    assert len(texts) == 5 and [shape[0] for shape in calls] == [2, 2, 1]
+
+
+def test_prompts_longer_than_max_prompt_len_are_skipped_and_counted(tmp_path, monkeypatch):
+    """The length a prompt filter sees is the processor's: text plus each image's tokens, here
+    checked against a real processor call; rlvr drops and counts the prompts over the limit."""
+    import data
+    import rlvr
+    out = write_task(tmp_path / "data", n_rl=4)
+    rows = data.load_prompts(str(out / "rl_prompts.parquet"))
+    _, processor, _ = models.load_model("tiny", torch.device("cpu"))
+    enc = data.encode_prompts(rows[:1], processor)
+    assert data.prompt_length(rows[0], processor) == enc["input_ids"].shape[1]
+    lengths = sorted(data.prompt_length(r, processor) for r in rows)
+    logged = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: logged.append(" ".join(map(str, a))))
+    rlvr.main(["--model", "tiny", "--data", str(out / "rl_prompts.parquet"), "--steps", "1",
+               "--out_dir", str(tmp_path / "run"), "--eval_rows", "0", "--prompts_per_step", "1",
+               "--group_size", "2", "--max_new_tokens", "4", "--max_prompt_len",
+               str(lengths[-1] - 1)])
+    dropped = sum(n > lengths[-1] - 1 for n in lengths)
+    assert any(f"{dropped} prompts over --max_prompt_len" in line for line in logged)
