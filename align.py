@@ -187,7 +187,7 @@ def main(argv=None):
     disc_dtype = models.stage_dtype(cfg, trains_all_weights=True)  # D trains every weight
     if os.path.isdir(disc_path):
         disc, disc_processor = discriminator.load(disc_path, device, dtype=disc_dtype,
-                                                  attn=cfg.attn)
+                                                  attn=cfg.attn, meta=models.meta_load(cfg))
     elif disc_path.startswith(("/", ".", "~", "runs")):
         raise SystemExit(f"error: discriminator folder {disc_path} not found; warm one up first: "
                          "python discriminator.py warmup --policy runs/sft/final "
@@ -195,7 +195,8 @@ def main(argv=None):
     else:
         log(f"discriminator: none warmed up, building a fresh {cfg.disc_kind} one on {disc_path}")
         disc, disc_processor = discriminator.build(disc_path, device, kind=cfg.disc_kind,
-                                                   seed=cfg.seed, dtype=disc_dtype)
+                                                   seed=cfg.seed, dtype=disc_dtype,
+                                                   meta=models.meta_load(cfg))
     models.set_image_size(disc_processor, cfg)  # D sees the images as the policy does
     if cfg.disc_grad_ckpt:
         discriminator.gradient_checkpointing(disc)

@@ -223,14 +223,15 @@ def guard(scores):
 
 def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noise=0.01,
           routing="learned", vision="auto", max_segment_tokens=512, dtype="auto", attn="sdpa",
-          seed=0):
+          seed=0, meta=False):
     """A fresh discriminator from a VLM backbone -> (disc, processor). Any name models.load_model
-    accepts; vision "auto" trains the tower of the random-init embedded models only (as sft.py)."""
+    accepts; vision "auto" trains the tower of the random-init embedded models only (as sft.py).
+    meta: shapes only (models.meta_load: rank 0's weights fill the shards)."""
     device = device or torch.device("cpu")
     train_vision = vision == "trained" or (vision == "auto" and backbone in models.PRESETS)
     train_vision = train_vision and kind != "text-only"  # text-only never runs the tower
     vlm, processor, _ = models.load_model(backbone, device, dtype=dtype, attn=attn,
-                                          train_vision=train_vision, seed=seed)
+                                          train_vision=train_vision, seed=seed, meta=meta)
     dense = kind == "dense"
     cfg = {"kind": kind, "n_experts": 1 if dense else n_experts, "top_k": 1 if dense else top_k,
            "noise": noise, "routing": routing, "max_segment_tokens": max_segment_tokens,
@@ -288,9 +289,10 @@ def save(disc, processor, path, info=None):
     common.write_dir_atomic(path, write)
 
 
-def load(path, device=None, dtype="auto", attn="sdpa"):
+def load(path, device=None, dtype="auto", attn="sdpa", meta=False):
     """save()'s folder -> (disc, processor): the architecture from the two configs (random init),
-    then the safetensors weights (no pickle)."""
+    then the safetensors weights (no pickle). meta: shapes only, no weights read
+    (models.meta_load: rank 0's weights fill the shards)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
     device = device or torch.device("cpu")
@@ -300,10 +302,13 @@ def load(path, device=None, dtype="auto", attn="sdpa"):
         cfg = json.load(f)
     with open(os.path.join(path, "backbone_config.json")) as f:
         config = AutoConfig.for_model(**json.load(f))
-    backbone = AutoModel.from_config(config, attn_implementation=attn,
-                                     dtype=models.pick_dtype(device, dtype))
-    disc = Discriminator(backbone.to(device), cfg)
-    disc.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)))
+    with torch.device("meta" if meta else "cpu"):
+        backbone = AutoModel.from_config(config, attn_implementation=attn,
+                                         dtype=models.pick_dtype(device, dtype))
+    disc = Discriminator(backbone if meta else backbone.to(device), cfg)
+    if not meta:
+        weights = load_file(os.path.join(path, "model.safetensors"), device=str(device))
+        disc.load_state_dict(weights)
     if not cfg["train_vision"]:
         disc.backbone.visual.requires_grad_(False)
     return disc, models.load_processor(path)

@@ -255,11 +255,15 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 
 def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=False, lora_r=16,
-               lora_alpha=32, grad_ckpt=False, train_vision=False, seed=0, trust_remote_code=False):
+               lora_alpha=32, grad_ckpt=False, train_vision=False, seed=0, trust_remote_code=False,
+               meta=False):
     """Return (model, processor, path). `name` is anything `--model` accepts (module docstring).
 
     A folder holding adapter_config.json is one of our LoRA checkpoints: its base is loaded first,
-    then the adapter on top, trainable (so --resume continues a LoRA run)."""
+    then the adapter on top, trainable (so --resume continues a LoRA run).
+    meta: build the architecture on the meta device and read no weights (the ranks but 0 under
+    FSDP: wrap_distributed fills their shards from rank 0's copy); adapters and 4-bit loads
+    always read their weights."""
     from transformers import AutoModelForImageTextToText
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # per-shard "Loading weights" bars drown our own progress bar
@@ -283,14 +287,23 @@ def load_model(name, device, *, dtype="auto", attn="sdpa", lora=False, qlora=Fal
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kwargs["dtype"], llm_int8_skip_modules=["model.visual", "lm_head"])
         kwargs["device_map"] = {"": device}  # bitsandbytes quantises while loading, onto this device
+    meta = meta and not (adapter or qlora)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
+        if meta:  # shapes only: no rank but 0 holds a full copy of the weights
+            from transformers import AutoConfig
+            config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(config, **kwargs)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(base_path, **kwargs)
         # an adapter folder saved without its processor uses the base model's
         no_processor = adapter and not os.path.exists(os.path.join(path, "tokenizer_config.json"))
         processor = load_processor(base_path if no_processor else path)
     except OSError as e:
         raise SystemExit(f"error: cannot load model {name!r} from {base_path!r}: {str(e).splitlines()[0]}")
-    if not qlora:
+    if meta:
+        pass
+    elif not qlora:
         model.to(device)
     else:
         import bitsandbytes as bnb
@@ -384,12 +397,20 @@ def load_policy(cfg, device, log=print):
     model, processor, _ = load_model(resume_from or cfg.model, device, dtype=stage_dtype(cfg),
                                      attn=cfg.attn, lora=cfg.lora, qlora=cfg.qlora,
                                      lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
-                                     train_vision=train_vision)
+                                     train_vision=train_vision, meta=meta_load(cfg))
     set_image_size(processor, cfg)
     total, trainable = count_params(model)
     log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
         + (f", resuming from {resume_from}" if resume_from else ""))
     return model, processor, resume_from
+
+
+def meta_load(cfg):
+    """Under torchrun with --dist fsdp, every rank but 0 builds its models on the meta device
+    (shapes, no storage) and gets its shards from rank 0's weights in wrap_distributed: one full
+    copy on the node instead of one per rank (8 x 17.7 GB of fp32 for the 4B policy)."""
+    from common import get_rank, is_dist
+    return cfg.dist == "fsdp" and is_dist() and get_rank() != 0
 
 
 def set_image_size(processor, cfg):
@@ -435,7 +456,10 @@ def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=Fa
     if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
         raise SystemExit("error: --qlora cannot be combined with --dist fsdp here (4-bit weights are not "
                          "sharded); use --lora with fsdp, or --qlora with ddp / one GPU")
+    from common import any_rank, get_rank
     from torch.distributed.device_mesh import init_device_mesh
+    # rank 0's full weights, kept for the other ranks if they were built on the meta device
+    full = model.state_dict() if any_rank(_on_meta(model)) and get_rank() == 0 else None
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     kwargs = {"mesh": init_device_mesh(device.type, (torch.distributed.get_world_size(),))}
     fp32 = None
@@ -453,6 +477,7 @@ def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=Fa
     for unit in units + [model]:
         fully_shard(unit, **kwargs)
     units = heads + units
+    _fill_from_rank0(model, full, device)
     for unit in units + [model]:
         unit.set_gradient_divide_factor(1.0 if grads == "sum" else float(torch.distributed.get_world_size()))
         unit.set_force_sum_reduction_for_comms(True)  # scale apart from the sum: gloo has no PREMUL_SUM
@@ -464,6 +489,27 @@ def wrap_distributed(model, device, strategy="ddp", grads="mean", cpu_offload=Fa
         # run FSDP's root hooks first, as a forward does
         register_fsdp_forward_method(model, "generate")
     return model
+
+
+def _on_meta(model):
+    return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _fill_from_rank0(model, full, device):
+    """After fully_shard: ranks whose model was built on meta (meta_load) allocate their shards
+    and every shard is filled from rank 0's full state dict (broadcast, one tensor at a time);
+    buffers, which the state dict may leave out (rotary frequencies are not saved), are
+    broadcast from rank 0 too. Every rank calls it; a no-op when no rank is on meta."""
+    from common import any_rank
+    if not any_rank(_on_meta(model)):
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if _on_meta(model):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
 
 
 def is_sharded(model):

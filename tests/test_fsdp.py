@@ -187,3 +187,35 @@ def test_a_cold_cache_is_built_once_under_torchrun(tmp_path):
     built = os.listdir(cache)
     assert len(built) == 1 and built[0].startswith("tiny-")  # no .tmp folder left behind
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(cache / built[0]))
+
+
+META_DRIVER = """
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+import common, model as models
+rank, _, world, device = common.init_distributed()
+m, _, _ = models.load_model("proxy", device, meta=rank != 0)
+weights = sum(p.numel() * p.element_size() for p in m.parameters() if not p.is_meta)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+m = models.wrap_distributed(m, device, "fsdp")
+full = models.full_state_dict(m)  # gathered onto rank 0
+fresh, _, _ = models.load_model("proxy", device)  # every rank: the cache lookup has a barrier
+if rank == 0:
+    same = all(torch.equal(full[k], v) for k, v in fresh.state_dict().items())
+    rope = all(torch.equal(a, b) for a, b in zip(m.buffers(), fresh.buffers()))
+    json.dump({{"same": same, "rope": rope}}, open({out!r} + "/check.json", "w"))
+json.dump({{"weights": weights, "peak_rss": peak}}, open({out!r} + f"/rank{{rank}}.json", "w"))
+common.finish()
+"""
+
+
+def test_fsdp_ranks_but_0_load_no_weights(tmp_path):
+    """--dist fsdp: ranks but 0 build the model on the meta device and receive their shards from
+    rank 0 (one full copy per node instead of one per rank); the gathered weights and the rotary
+    buffers equal a plain load's."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(META_DRIVER.format(root=ROOT, out=str(tmp_path)))
+    torchrun(str(driver))
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert ranks[0]["weights"] > 30e6 and ranks[1]["weights"] == 0, ranks
+    assert json.load(open(tmp_path / "check.json")) == {"same": True, "rope": True}
