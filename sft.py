@@ -53,22 +53,28 @@ import task
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    model: str = "tiny"  # tiny | small | Qwen3-VL-2B/4B/8B | hub id | local dir (e.g. a checkpoint)
-    data: str = ("data/tiny/sft_public.json,"  # comma-separated sharegpt JSON/JSONL files
-                 "data/tiny/sft_teacher.json")
-    val_data: str = "data/tiny/val.parquet"  # parquet/JSONL prompts, ground truths, teacher answers
-    out_dir: str = "runs/sft"  # checkpoints, metrics.jsonl, final model
-    seed: int = 0  # seed for data order and initialisation (each rank adds its rank)
-    steps: int = 1200  # optimizer steps
-    batch_size: int = 32  # sequences per optimizer step, summed over ranks and accumulation
-    micro_batch_size: int = 32  # sequences per forward/backward on one rank
+    # ---- the optimisation (paper: AdamW, lr 1e-5, cosine, 10% warm-up, 1 epoch)
     lr: float = 2e-3  # peak learning rate (paper, real models: 1e-5)
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     warmup_frac: float = 0.05  # fraction of steps with linear warm-up (paper: 0.1)
     weight_decay: float = 0.01  # AdamW weight decay
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    steps: int = 1200  # optimizer steps
+    batch_size: int = 32  # sequences per optimizer step, summed over ranks and accumulation
+    seed: int = 0  # seed for data order and initialisation (each rank adds its rank)
+    # ---- data
+    model: str = "tiny"  # tiny | small | Qwen3-VL-2B/4B/8B | hub id | local dir (e.g. a checkpoint)
+    data: str = ("data/tiny/sft_public.json,"  # comma-separated sharegpt JSON/JSONL files
+                 "data/tiny/sft_teacher.json")
+    val_data: str = "data/tiny/val.parquet"  # parquet/JSONL prompts, ground truths, teacher answers
+    out_dir: str = "runs/sft"  # checkpoints, metrics.jsonl, final model
     max_len: int = 1024  # rows longer than this many tokens are skipped (and counted)
+    skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping
+    # image size bounds in pixels (as align.py / rlvr.py: the official runs' qwen-vl-utils bounds)
+    min_pixels: int = 4096  # smaller images are scaled up to this many pixels
+    max_pixels: int = 16777216  # larger images are scaled down to this many pixels
+    # ---- evaluation, logging, checkpoints
     eval_every: int = 300  # evaluate every this many steps (0 = only at the end)
     eval_rows: int = 200  # validation prompts per evaluation
     eval_batch_size: int = 64  # prompts per generate call in evaluation
@@ -76,7 +82,9 @@ class Config:
     save_every: int = 300  # checkpoint every this many steps
     resume: bool = False  # continue from out_dir's latest checkpoint
     stop_after: int = 0  # stop after this step, no final save, as if interrupted (0 = off)
-    skip_bad_rows: bool = False  # skip (and count) malformed data rows instead of stopping
+    max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row, each skipped (0 = never)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also send metrics.jsonl there
+    # ---- model and system
     lora: bool = False  # train LoRA adapters on the language model instead of all weights
     qlora: bool = False  # 4-bit nf4 base weights + LoRA (needs bitsandbytes)
     lora_r: int = 16  # LoRA rank
@@ -90,17 +98,12 @@ class Config:
     # where the GPU has it (model.stage_dtype); bf16 for full fine-tuning is refused
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # weights' dtype (auto: see above)
     grad_ckpt: bool = False  # gradient checkpointing: less activation memory, +1 forward per step
+    micro_batch_size: int = 32  # sequences per forward/backward on one rank
     # under torchrun: auto = fsdp for models of 1B+ parameters (a replica does not fit), else ddp
     dist: Literal["auto", "ddp", "fsdp"] = "auto"  # ddp (replicas) | fsdp (FSDP2 sharding)
     cpu_offload: bool = False  # fsdp only: keep sharded weights and optimizer states in CPU RAM
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     cache_encoded: bool = True  # keep tokenised rows in RAM after first use (off for data > RAM)
-    max_bad_steps: int = 5  # stop after this many NaN/Inf steps in a row, each skipped (0 = never)
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also send metrics.jsonl there
-    # image size bounds in pixels (as align.py / rlvr.py: the official runs' qwen-vl-utils bounds)
-    min_pixels: int = 4096  # smaller images are scaled up to this many pixels
-    max_pixels: int = 16777216  # larger images are scaled down to this many pixels
-
 
 def lr_at(step, cfg):
     """Linear warm-up, then cosine decay to min_lr_frac * lr (as a pure function of the step, so a
