@@ -161,6 +161,8 @@ def test_every_collective_the_stages_issue_works_with_the_gpu_backend():
         p.grad = torch.full((3,), 2.0)
         common.all_reduce_grads([p], average=True)
         assert p.grad.tolist() == [2.0, 2.0, 2.0]
+        assert common.all_gather_list([torch.ones(2, 3, device="cpu")])[0].shape == (2, 3)
+        assert common.sum_over_ranks({"a": 1.5})["a"] == 1.5
         common.barrier()
 
 
