@@ -24,7 +24,7 @@ demo: setup
 	$(PY) task.py --out data/tiny --seed 0
 	$(PY) sft.py --out_dir runs/sft --eval_every 0
 	$(PY) rlvr.py --model runs/sft/final --algo grpo --out_dir runs/rl_sft $(RL_FLAGS)
-	$(PY) discriminator.py warmup --policy runs/sft/final --out_dir runs/disc_warmup --epochs 3
+	$(PY) warmup.py --policy runs/sft/final --out_dir runs/disc_warmup --epochs 3
 	$(PY) align.py --model runs/sft/final --disc runs/disc_warmup/final --out_dir runs/align $(ALIGN_FLAGS)
 	$(PY) rlvr.py --model runs/align/final --algo grpo --out_dir runs/rl_align $(RL_FLAGS)
 	$(PY) evaluate.py --data data/tiny/test.parquet --out_dir runs/eval $(EVAL_FLAGS) \

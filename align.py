@@ -36,7 +36,7 @@ Where we differ from the paper (docs/algorithms.md#reference-hyperparameters):
   - "Why is the policy loss 0?" With one update per batch (the default, as in PRISM) every ratio is
     1 and the loss is about -mean(A) ~ 0; the gradient is not zero (rl_losses.py).
 
-Run it (after sft.py and `python discriminator.py warmup`):
+Run it (after sft.py and `python warmup.py`):
   CPU, embedded tiny models (200 steps: 9.5 min measured with 3 jobs sharing 2 cores; 150 in
   2.6 min alone):
       python align.py --model runs/sft/final --disc runs/disc_warmup/final
@@ -190,7 +190,7 @@ def main(argv=None):
                                                   attn=cfg.attn, meta=models.meta_load(cfg))
     elif disc_path.startswith(("/", ".", "~", "runs")):
         raise SystemExit(f"error: discriminator folder {disc_path} not found; warm one up first: "
-                         "python discriminator.py warmup --policy runs/sft/final "
+                         "python warmup.py --policy runs/sft/final "
                          "--out_dir runs/disc_warmup")
     else:
         log(f"discriminator: none warmed up, building a fresh {cfg.disc_kind} one on {disc_path}")

@@ -45,7 +45,7 @@ def plan(a, seed):
     starts = {"sft": os.path.join(sft, "final")}
     for kind in kinds:
         disc, aligned = os.path.join(root, f"disc_{kind}"), os.path.join(root, f"align_{kind}")
-        stages.append((["discriminator.py", "warmup", "--policy", starts["sft"], "--kind", kind, "--epochs", "3",
+        stages.append((["warmup.py", "--policy", starts["sft"], "--kind", kind, "--epochs", "3",
                         "--out_dir", disc, *common], disc))
         stages.append((["align.py", "--model", starts["sft"], "--disc", os.path.join(disc, "final"),
                         "--out_dir", aligned, "--eval_every", "0", *shlex.split(a.align_flags), *common], aligned))

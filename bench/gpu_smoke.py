@@ -69,7 +69,7 @@ def commands(model, data, work, setting, world):
         "sft": ["sft.py", *common, "--data", f"{data}/sft_teacher.json", "--val_data",
                 f"{data}/val.parquet", "--batch_size", str(2 * world), "--eval_rows", "0",
                 "--out_dir", f"{out}/sft"],
-        "warmup": ["discriminator.py", "warmup", "--backbone", model,
+        "warmup": ["warmup.py", "--backbone", model,
                    "--pairs", f"{data}/warmup_pairs.jsonl", "--steps", "1", "--batch_size", "2",
                    "--threads", "2", "--out_dir", f"{out}/warmup"],
         "align": ["align.py", *common, "--disc", model, "--data", f"{data}/align_prompts.parquet",

@@ -106,7 +106,7 @@ def test_resume_replays_exactly(dataset, tmp_path, monkeypatch):
 def test_missing_discriminator_folder_is_one_line(dataset, tmp_path):
     p = subprocess.run([sys.executable, "align.py", *args(dataset, tmp_path)[:2], "--disc", str(tmp_path / "nope"),
                         *args(dataset, tmp_path)[4:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "Traceback" not in p.stderr and "discriminator.py warmup" in p.stderr
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "python warmup.py" in p.stderr
 
 
 def test_torchrun_two_processes(dataset, tmp_path, monkeypatch):

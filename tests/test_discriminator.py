@@ -12,6 +12,7 @@ import data
 import discriminator as D
 import model as models
 import task
+import warmup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -189,7 +190,7 @@ def test_bt_loss_decreases_on_a_fixed_pair_set(rows):
     optimizer = torch.optim.AdamW(D.param_groups(d), lr=1e-3)
     first = None
     for _ in range(20):
-        loss, record = D.pair_loss(d, processor, pairs)
+        loss, record = warmup.pair_loss(d, processor, pairs)
         first = first if first is not None else record
         loss.backward()
         optimizer.step()
@@ -199,7 +200,7 @@ def test_bt_loss_decreases_on_a_fixed_pair_set(rows):
 
 
 def run_cli(*argv, timeout=240):
-    return subprocess.run([sys.executable, "discriminator.py", *argv], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "warmup.py", *argv], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
@@ -210,7 +211,7 @@ def test_warmup_builds_official_pairs_and_a_loadable_discriminator(dataset, rows
                for i in range(len(rows))]
     monkeypatch.setattr(models, "generate", lambda *a, **k: answers[:len(a[2])])
     out = tmp_path / "warm"
-    D.main(["warmup", "--policy", "tiny", "--prompts", str(dataset / "align_prompts.parquet"), "--max_prompts", "12",
+    warmup.main(["--policy", "tiny", "--prompts", str(dataset / "align_prompts.parquet"), "--max_prompts", "12",
             "--out_dir", str(out), "--steps", "2", "--batch_size", "4", "--val_pairs", "2"])
     pairs = [json.loads(line) for line in (out / "warmup_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 8  # 12 prompts, 4 malformed answers skipped
@@ -225,7 +226,7 @@ def test_warmup_builds_official_pairs_and_a_loadable_discriminator(dataset, rows
     assert loaded.cfg["kind"] == "moe" and loaded.cfg["n_experts"] == 4
 
     # the same pairs file through the command line, official-file path, checkpointed as on a real backbone
-    p = run_cli("warmup", "--pairs", str(out / "warmup_pairs.jsonl"), "--out_dir", str(tmp_path / "cli"),
+    p = run_cli("--pairs", str(out / "warmup_pairs.jsonl"), "--out_dir", str(tmp_path / "cli"),
                 "--steps", "1", "--batch_size", "2", "--val_pairs", "0", "--kind", "dense", "--grad_ckpt")
     assert p.returncode == 0, p.stderr[-2000:]
     assert D.load(str(tmp_path / "cli" / "final"))[0].cfg["kind"] == "dense"
@@ -235,11 +236,11 @@ def test_warmup_cli_reports_bad_input_in_one_line(dataset, tmp_path):
     bad = tmp_path / "pairs.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "image": "images/missing.png", "teacher_caption": "a",
                                "teacher_cot": "b", "student_caption": "c", "student_cot": "d"}) + "\n")
-    p = run_cli("warmup", "--pairs", str(bad), "--out_dir", str(tmp_path / "out"))
+    p = run_cli("--pairs", str(bad), "--out_dir", str(tmp_path / "out"))
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert f"{bad} row 1: image images/missing.png: missing" in p.stderr
     # a random policy writes no valid answer: a clear error instead of training on nothing
-    p = run_cli("warmup", "--policy", "tiny", "--prompts", str(dataset / "align_prompts.parquet"), "--max_prompts", "8",
+    p = run_cli("--policy", "tiny", "--prompts", str(dataset / "align_prompts.parquet"), "--max_prompts", "8",
                 "--max_new_tokens", "8", "--out_dir", str(tmp_path / "out"))
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "none of the 8 student answers" in p.stderr

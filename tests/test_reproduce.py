@@ -16,7 +16,7 @@ def args(**kw):
 def test_full_grid_plan():
     stages = reproduce.plan(args(), 1)
     scripts = [s[0][0] for s in stages]
-    assert scripts == ["sft.py"] + ["discriminator.py", "align.py"] * 3 + ["rlvr.py"] * 12 + ["evaluate.py"]
+    assert scripts == ["sft.py"] + ["warmup.py", "align.py"] * 3 + ["rlvr.py"] * 12 + ["evaluate.py"]
     assert all(s[0][s[0].index("--seed") + 1] == "1" for s in stages)            # every stage gets the seed
     assert stages[0][0][:5] == ["sft.py", "--model", "small", "--lr", "1e-3"]
     # Every RL run starts from SFT or from one alignment, and evaluate.py sees all 16 models.
