@@ -34,9 +34,22 @@ from the SFT policy (format-invalid answers skipped and counted) and written to
 out_dir/warmup_pairs.jsonl in the official format. AdamW, 10% linear warm-up, cosine, clip 1.0.
 
 Deviations from the paper / official code, all deliberate:
-  - Default backbone: our random-init `tiny` model (paper: Qwen3-VL-2B), which needs lr 1e-3 (paper:
-    1e-5, pass it for a pretrained backbone) and trains its vision tower (`--vision auto` as in
-    sft.py: a frozen random encoder cannot see); pretrained towers stay frozen.
+  - Default backbone: the embedded `tiny` base, pretrained to see the shapes world (pretrain.py),
+    the policy's own starting point, as the paper upcycles D from a pretrained Qwen3-VL-2B of the
+    policy's family. lr 1e-3 (paper: 1e-5 for a 2B model). `--backbone tiny-random` is the old
+    random-init D (docs/results.md: it cannot see; the grounding probe below stays at chance).
+  - What the official code trains (XIAO4579/PRISM): the warm-up (moe/train_moe_vl_warmup*.py)
+    optimises every parameter of D, vision tower included (AdamW over model.parameters(), nothing
+    frozen); in alignment D is verl's critic, and scripts/train/experiment/qwen3_vl_prism.sh sets
+    no critic.model.freeze_vision_tower (default false in verl/verl/workers/fsdp_workers.py), so D
+    stays fully trainable. The same holds for the policy (actor.freeze_vision_tower unset in the
+    alignment and the *_after_prism.sh RL scripts): only SFT freezes the tower. Ours: `--vision
+    trained` trains D's tower as the official code; `auto` (default) trains it only for a
+    random-init backbone (see the warm-up numbers in docs/results.md for the choice).
+  - `--hard_negatives R` (ours; official: 0) adds R extra pairs per training pair whose student is
+    the teacher's answer with one object misperceived (hard_negative_pairs): style-matched, so only
+    the image tells them apart. At the end, the grounding probe (evaluate.grounding_probe) on
+    `--probe_data` is printed and logged.
   - We keep the backbone's Qwen3VLModel and drop its LM head: D never predicts tokens. The value
     head is fp32, weight N(0, 1/(H+1)), bias 0.
   - The warm-up adds the alignment loss's score regulariser (0.001 * mean score^2; official warm-up:

@@ -244,6 +244,31 @@ def embed(model, tokenizer, texts, batch_size=64, max_len=1024):
     return torch.cat(out)
 
 
+# ----------------------------------------------------------------------------- plain perception
+DESCRIBE = "List the objects in the image."  # the base's own describe question (pretrain.py)
+
+
+def read_objects(answer):
+    """An object list answered in any of our formats -> Counter, or None: a caption with an
+    "objects:" line (SFT-trained models), or the base's bare "2 red circles, 1 blue square."."""
+    return parse_caption_objects(answer if _OBJECTS_LINE.search(answer) else "objects: " + answer)
+
+
+def plain_perception(model, processor, rows, batch_size=64, max_new_tokens=64):
+    """Perception without PRISM's format: each row's image with the plain question DESCRIBE (no
+    system prompt, the pretraining format) -> (exact object-list accuracy, answers), or (None, [])
+    when no row has a scene. This is the measure a base and its SFT descendant share, so the two can
+    be compared on the same scenes (the perception drift SFT causes)."""
+    rows = [r for r in rows if (r.get("extra_info") or {}).get("scene") and len(r["images"]) == 1]
+    if not rows:
+        return None, []
+    prompts = [{"messages": [{"role": "user", "content": "<image>\n" + DESCRIBE}], "images": r["images"]}
+               for r in rows]
+    answers = models.generate(model, processor, prompts, max_new_tokens, batch_size)
+    hits = [read_objects(a) == scene_objects(r["extra_info"]["scene"]) for a, r in zip(answers, rows)]
+    return sum(hits) / len(hits), answers
+
+
 # ----------------------------------------------------------------------------- one model
 def evaluate_model(model, processor, rows, k=4, max_new_tokens=128, batch_size=64, temperature=1.0,
                    token_budget=65536, count_tokens=None, seed=0):
@@ -266,6 +291,7 @@ def evaluate_model(model, processor, rows, k=4, max_new_tokens=128, batch_size=6
         # pass@k: a prompt counts when any of its k samples is right
         results["sampled"]["pass_at_k"] = _mean([max(x["acc"] for x in records[j:j + k])
                                                  for j in range(0, len(records), k)])
+    results["plain_perception"], plain = plain_perception(model, processor, rows, batch_size)
     results["examples"] = [{"question": r["messages"][-1]["content"], "ground_truth": r["ground_truth"],
                             "response": t} for t, r in list(zip(greedy, rows))[:3]]
     return results, texts
@@ -287,7 +313,7 @@ def markdown_table(results):
     greedy / mean@k accuracy by difficulty level and by question type."""
     k = results.get("k", 0)
     head = ["model", "greedy acc", f"mean@{k} acc", "format", "perception acc", "reasoning acc (caption right)",
-            "reasoning acc (caption wrong)", "MMD^2", "Frechet", "response len", "think len"]
+            "reasoning acc (caption wrong)", "plain perception acc", "MMD^2", "Frechet", "response len", "think len"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     entries = list(results["models"].items()) + ([("teacher (reference)", results["teacher"])]
                                                   if results.get("teacher") else [])
@@ -295,6 +321,7 @@ def markdown_table(results):
         g = r["greedy"]
         cells = [name, _f(g["acc"]), _f(_get(r, "sampled", "acc")), _f(g["format"]), _f(_get(g, "perception", "acc")),
                  _f(_get(g, "reasoning", "acc_correct_caption")), _f(_get(g, "reasoning", "acc_wrong_caption")),
+                 _f(r.get("plain_perception")),
                  _f(_get(r, "drift", "greedy", "mmd2"), 4), _f(_get(r, "drift", "greedy", "frechet"), 2),
                  _f(g["lengths"]["response"], 1), _f(g["lengths"]["think"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
