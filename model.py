@@ -248,8 +248,10 @@ def resolve_model(name, seed=0):
     """Turn a --model value into a local folder or hub id (building the embedded model if asked)."""
     name = preset_name(name)
     if name in PRETRAINED:
+        # one base for every training seed, as the paper starts every run from one Qwen3-VL; the
+        # policy and the discriminator's backbone are then the same weights
         import pretrain
-        return pretrain.build(name, seed=seed)
+        return pretrain.build(name, seed=0)
     if name in PRESETS:
         return build_embedded(name, seed=seed)
     if name == "proxy":  # the real-vocabulary Qwen3-VL stand-in (proxy.py)

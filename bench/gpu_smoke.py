@@ -85,7 +85,7 @@ def plan(cpu, gpus):
     """[(model, setting, stage, extra flags, processes)] to run."""
     runs = []
     dtype = ["--dtype", "fp32"] if cpu else ["--dtype", "bf16"]
-    for model in ["proxy"] if cpu else ["tiny", "proxy"]:
+    for model in ["proxy"] if cpu else ["tiny-random", "proxy"]:
         for stage in ("sft", "warmup", "align", "rlvr", "evaluate"):
             flags = dtype if stage != "evaluate" else []
             runs.append((model, "one device", stage, flags + ["--attn", "sdpa"] * (stage != "evaluate"), 1))
