@@ -22,10 +22,12 @@ data: setup
 # stage on the held-out test split (table in runs/eval/results.md, plots next to it).
 demo: setup
 	$(PY) task.py --out data/tiny --seed 0
+	$(PY) pretrain.py --preset tiny
 	$(PY) sft.py --out_dir runs/sft --eval_every 0
 	$(PY) rlvr.py --model runs/sft/final --algo grpo --out_dir runs/rl_sft $(RL_FLAGS)
-	$(PY) warmup.py --policy runs/sft/final --out_dir runs/disc_warmup --epochs 3
+	$(PY) warmup.py --policy runs/sft/final --out_dir runs/disc_warmup --epochs 3 $(WARMUP_FLAGS)
 	$(PY) align.py --model runs/sft/final --disc runs/disc_warmup/final --out_dir runs/align $(ALIGN_FLAGS)
+	$(PY) evaluate.py --probe runs/align/final/discriminator --data data/tiny/test.parquet
 	$(PY) rlvr.py --model runs/align/final --algo grpo --out_dir runs/rl_align $(RL_FLAGS)
 	$(PY) evaluate.py --data data/tiny/test.parquet --out_dir runs/eval $(EVAL_FLAGS) \
 	    --models base=tiny,sft=runs/sft/final,aligned=runs/align/final,sft-grpo=runs/rl_sft/final,align-grpo=runs/rl_align/final \
@@ -33,8 +35,12 @@ demo: setup
 
 # Settings of the demo's RL and alignment stages (fixed before looking at the test split); the
 # stages skip their own held-out evaluation (--eval_rows 0): evaluate.py measures every model at the end.
-RL_FLAGS := --steps 300 --eval_rows 0
-ALIGN_FLAGS := --steps 150 --eval_rows 0
+# pretrain.py builds the pretrained `tiny` base once (cached; ~5 min on an idle 2-core machine).
+# --vision trained: the official code trains the policy's and the discriminator's vision towers
+# in stages 2-3 (discriminator.py's docstring); only SFT freezes it.
+RL_FLAGS := --steps 300 --eval_rows 0 --vision trained
+ALIGN_FLAGS := --steps 150 --eval_rows 0 --vision trained
+WARMUP_FLAGS := --vision trained --hard_negatives 1
 EVAL_FLAGS := --k 4
 
 test: setup
@@ -54,5 +60,7 @@ reproduce: setup
 # The seeds are independent: `make reproduce-tiny SEEDS=1` in several shells shares the cores.
 SEEDS ?= 0,1,2
 reproduce-tiny: setup
-	$(PY) reproduce.py --model tiny --seeds $(SEEDS) --out runs/reproduce_tiny --algos grpo --ablation_algos none \
-	    --sft_flags "--eval_every 0" --align_flags "$(ALIGN_FLAGS)" --rl_flags "$(RL_FLAGS)"
+	$(PY) pretrain.py --preset tiny
+	$(PY) reproduce.py --model tiny --seeds $(SEEDS) --out runs/reproduce_tiny --algos grpo \
+	    --sft_flags "--eval_every 0" --warmup_flags "$(WARMUP_FLAGS)" --align_flags "$(ALIGN_FLAGS)" \
+	    --rl_flags "$(RL_FLAGS)"

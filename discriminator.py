@@ -29,6 +29,14 @@ Warm-up, before alignment: its own stage, `python warmup.py` (Bradley-Terry on t
 pairs).
 
 Deviations from the paper / official code, all deliberate:
+  - What the official code trains (XIAO4579/PRISM): the warm-up (moe/train_moe_vl_warmup*.py)
+    optimises every parameter of D, vision tower included (AdamW over model.parameters(), nothing
+    frozen); in alignment D is verl's critic, and scripts/train/experiment/qwen3_vl_prism.sh sets
+    no critic.model.freeze_vision_tower (default false in verl/verl/workers/fsdp_workers.py), so D
+    stays fully trainable. The same holds for the policy (actor.freeze_vision_tower unset in the
+    alignment and the *_after_prism.sh RL scripts): only SFT freezes the tower. Ours: `--vision
+    trained` trains D's tower as the official code; `auto` (default) trains it only for a
+    random-init backbone (see the warm-up numbers in docs/results.md for the choice).
   - We keep the backbone's Qwen3VLModel and drop its LM head: D never predicts tokens. The value
     head is fp32, weight N(0, 1/(H+1)), bias 0.
   - Over-long segments keep their first max_segment_tokens tokens; the prompt (and so its image
@@ -202,7 +210,7 @@ def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noi
     accepts; vision "auto" trains the tower of the random-init embedded models only (as sft.py).
     meta: shapes only (models.meta_load: rank 0's weights fill the shards)."""
     device = device or torch.device("cpu")
-    train_vision = vision == "trained" or (vision == "auto" and backbone in models.PRESETS)
+    train_vision = vision == "trained" or (vision == "auto" and models.random_init(backbone))
     train_vision = train_vision and kind != "text-only"  # text-only never runs the tower
     vlm, processor, _ = models.load_model(backbone, device, dtype=dtype, attn=attn,
                                           train_vision=train_vision, seed=seed, meta=meta)

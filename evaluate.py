@@ -81,6 +81,8 @@ class Config:
     seed: int = 0  # sampling seed (the same for every model); also the embedded presets' build seed
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
+    probe: str = ""  # a discriminator folder: run the grounding probe on --data instead (--models unused)
+    probe_scenes: int = 200  # scenes (prompt rows) of the grounding probe
 
 
 # ----------------------------------------------------------------------------- perception
@@ -264,6 +266,31 @@ def embed(model, tokenizer, texts, batch_size=64, max_len=1024):
     return torch.cat(out)
 
 
+# ----------------------------------------------------------------------------- plain perception
+DESCRIBE = "List the objects in the image."  # the base's own describe question (pretrain.py)
+
+
+def read_objects(answer):
+    """An object list answered in any of our formats -> Counter, or None: a caption with an
+    "objects:" line (SFT-trained models), or the base's bare "2 red circles, 1 blue square."."""
+    return parse_caption_objects(answer if _OBJECTS_LINE.search(answer) else "objects: " + answer)
+
+
+def plain_perception(model, processor, rows, batch_size=64, max_new_tokens=64):
+    """Perception without PRISM's format: each row's image with the plain question DESCRIBE (no
+    system prompt, the pretraining format) -> (exact object-list accuracy, answers), or (None, [])
+    when no row has a scene. This is the measure a base and its SFT descendant share, so the two can
+    be compared on the same scenes (the perception drift SFT causes)."""
+    rows = [r for r in rows if (r.get("extra_info") or {}).get("scene") and len(r["images"]) == 1]
+    if not rows:
+        return None, []
+    prompts = [{"messages": [{"role": "user", "content": "<image>\n" + DESCRIBE}], "images": r["images"]}
+               for r in rows]
+    answers = models.generate(model, processor, prompts, max_new_tokens, batch_size)
+    hits = [read_objects(a) == scene_objects(r["extra_info"]["scene"]) for a, r in zip(answers, rows)]
+    return sum(hits) / len(hits), answers
+
+
 # ----------------------------------------------------------------------------- one model
 def evaluate_model(model, processor, rows, k=4, max_new_tokens=128, batch_size=64, temperature=1.0,
                    token_budget=65536, count_tokens=None, seed=0):
@@ -291,6 +318,7 @@ def evaluate_model(model, processor, rows, k=4, max_new_tokens=128, batch_size=6
         # pass@k: a prompt counts when any of its k samples is right
         results["sampled"]["pass_at_k"] = _mean([max(x["acc"] for x in records[j:j + k])
                                                  for j in range(0, len(records), k)])
+    results["plain_perception"], plain = plain_perception(model, processor, rows, batch_size)
     results["examples"] = [{"question": r["messages"][-1]["content"],
                             "ground_truth": r["ground_truth"],
                             "response": t} for t, r in list(zip(greedy, rows))[:3]]
@@ -313,8 +341,8 @@ def markdown_table(results):
     greedy / mean@k accuracy by difficulty level and by question type."""
     k = results.get("k", 0)
     head = ["model", "greedy acc", f"mean@{k} acc", "format", "perception acc",
-            "reasoning acc (caption right)", "reasoning acc (caption wrong)", "MMD^2", "Frechet",
-            "response len", "think len"]
+            "reasoning acc (caption right)", "reasoning acc (caption wrong)",
+            "plain perception acc", "MMD^2", "Frechet", "response len", "think len"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     entries = list(results["models"].items()) + ([("teacher (reference)", results["teacher"])]
                                                   if results.get("teacher") else [])
@@ -324,6 +352,7 @@ def markdown_table(results):
                  _f(_get(g, "perception", "acc")),
                  _f(_get(g, "reasoning", "acc_correct_caption")),
                  _f(_get(g, "reasoning", "acc_wrong_caption")),
+                 _f(r.get("plain_perception")),
                  _f(_get(r, "drift", "greedy", "mmd2"), 4),
                  _f(_get(r, "drift", "greedy", "frechet"), 2),
                  _f(g["lengths"]["response"], 1), _f(g["lengths"]["think"], 1)]
@@ -519,12 +548,138 @@ def parse_named(spec):
     return out
 
 
+# ----------------------------------------------------------------------------- grounding probe
+# Does the discriminator judge content or style? Three pairwise tests on held-out scenes, each a
+# (right, wrong) pair that differs in one thing only; accuracy = share of pairs where D scores the
+# right one higher (ties count half), chance 0.5, standard error sqrt(p (1 - p) / n).
+#   cap_misperceived  perception expert: the teacher caption vs the same caption with one object
+#                     misperceived (missed, doubled, or wrong colour/shape), same image and prompt
+#   cap_swapped_image perception expert: the teacher caption with its own image vs with another
+#                     scene's image (whose objects differ), same prompt
+#   cot_misperceived  reasoning expert: the teacher's steps vs wrong-but-self-consistent steps on
+#                     one misperceived object (task.misperceive), same image and prompt
+# A D that learned only the teacher's style (docs/results.md, "Grounding probe") sits at 0.5 on all.
+PROBE_TESTS = ("cap_misperceived", "cap_swapped_image", "cot_misperceived")
+
+
+def task_records(data_path, rows):
+    """The task records behind prompt rows of our test/val files (their question params, which
+    task.misperceive needs, are not in the file): regenerated from meta.json's seed and sizes, as
+    task.write_dataset drew them. None for a row whose regenerated question does not match."""
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "meta.json")
+    if not os.path.exists(meta_path):
+        return [None] * len(rows)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    sizes = meta["sizes"]
+    sizes = {"test": sizes["test"], "val": sizes["val"],
+             "train": sum(sizes[k] for k in ("sft_public", "sft_teacher", "align_prompts", "rl_prompts"))}
+    order = ["test", "val", "train"]  # write_dataset's order: each split excludes the earlier scenes
+    last = max((order.index(r["extra_info"].get("split")) for r in rows
+                if r["extra_info"].get("split") in order), default=-1)
+    drawn, taken = {}, set()
+    for split in order[:last + 1]:  # no later split than the rows need (train is 10k records)
+        drawn[split] = task.make_records(split, sizes[split], meta["seed"], meta["image_size"],
+                                         tuple(meta["levels"]), exclude=taken)
+        taken |= {task.scene_key(r["scene"]) for r in drawn[split]}
+    out = []
+    for row in rows:
+        extra = row["extra_info"]
+        records = drawn.get(extra.get("split"), [])
+        i = extra.get("index")
+        hit = records[i] if isinstance(i, int) and i < len(records) else None
+        out.append(hit if hit is not None and hit["question"] == extra.get("question") else None)
+    return out
+
+
+def misperceived_caption(caption, seen):
+    """The caption with its objects line saying `seen` (an object list) instead."""
+    return _OBJECTS_LINE.sub(lambda m: "objects: " + task.describe(seen), caption, count=1)
+
+
+def probe_pairs(rows, records, seed=0):
+    """-> {test: (right_prompts, right_segments, wrong_prompts, wrong_segments, which)} (module
+    comment above). Rows need a teacher caption/cot and a scene; records may hold None."""
+    import random
+    rng = random.Random(f"nanoprism/probe/{seed}")
+    scenes = [json.loads(r["extra_info"]["scene"]) for r in rows]
+    pairs = {t: ([], [], [], [], "cot" if t.startswith("cot") else "cap") for t in PROBE_TESTS}
+    for i, (row, scene, record) in enumerate(zip(rows, scenes, records)):
+        objects, caption = scene["objects"], row["teacher_caption"]
+        wrong = misperceived_caption(caption, rng.choice(task._misperceptions(objects)))
+        p = pairs["cap_misperceived"]
+        p[0].append(row), p[1].append(caption), p[2].append(row), p[3].append(wrong)
+        # the next scene whose object multiset differs: the caption is then false for that image
+        j = next((k % len(rows) for k in range(i + 1, i + len(rows))
+                  if scene_objects(scenes[k % len(rows)]) != scene_objects(scene)), None)
+        if j is not None:
+            p = pairs["cap_swapped_image"]
+            p[0].append(row), p[1].append(caption), p[2].append({**row, "images": rows[j]["images"]})
+            p[3].append(caption)
+        if record is not None:
+            _, steps, answer = task.misperceive(objects, record, rng)
+            _, cot = task.split_response(task.format_response([], steps, answer))
+            p = pairs["cot_misperceived"]
+            p[0].append(row), p[1].append(row["teacher_cot"]), p[2].append(row), p[3].append(cot)
+    return pairs
+
+
+def grounding_probe(score_fn, rows, records=None, seed=0):
+    """Pairwise accuracy of a scorer on the probe's three tests -> {test: {acc, se, gap, n}}.
+
+    score_fn(prompts, segments, which) -> (B,) scores (higher = more teacher-like); `which` is
+    "cap" or "cot" as in discriminator.score. records: task_records(...) (None = no reasoning test)."""
+    pairs = probe_pairs(rows, records or [None] * len(rows), seed)
+    out = {}
+    for t in PROBE_TESTS:
+        right_p, right_s, wrong_p, wrong_s, which = pairs[t]
+        if not right_p:
+            out[t] = {"acc": None, "se": None, "gap": None, "n": 0}
+            continue
+        right = torch.as_tensor(score_fn(right_p, right_s, which), dtype=torch.float)  # (n,)
+        wrong = torch.as_tensor(score_fn(wrong_p, wrong_s, which), dtype=torch.float)  # (n,)
+        acc = ((right > wrong).float() + 0.5 * (right == wrong).float()).mean().item()
+        out[t] = {"acc": acc, "se": math.sqrt(acc * (1 - acc) / len(right)),
+                  "gap": (right - wrong).mean().item(), "n": len(right)}
+    return out
+
+
+def format_probe(result):
+    return ", ".join(f"{t} {r['acc']:.3f} +- {r['se']:.3f} (n={r['n']})" if r["n"] else f"{t} n/a"
+                     for t, r in result.items())
+
+
+def probe_discriminator(disc_or_path, data_path, n=200, seed=0, processor=None, log=print):
+    """The grounding probe of a discriminator (a folder, or a live (disc) with its processor) on
+    the first n rows of data_path -> the result dict; logs one line."""
+    import discriminator
+    if isinstance(disc_or_path, str):
+        disc, processor = discriminator.load(disc_or_path)
+    else:
+        disc = disc_or_path
+    rows = data.load_prompts(data_path, require_teacher=True, log=lambda *a: None)
+    rows = [r for r in rows if r["extra_info"].get("scene")][:n]
+    was_training = disc.training
+    disc.eval()
+
+    @torch.no_grad()
+    def score_fn(prompts, segments, which):
+        return discriminator.score(disc, processor, prompts, segments, which)[0].float().cpu()
+
+    result = grounding_probe(score_fn, rows, task_records(data_path, rows), seed)
+    disc.train(was_training)
+    log(f"grounding probe ({len(rows)} scenes of {data_path}): {format_probe(result)}")
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     cfg = common.parse_config(Config, argv)
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.probe:  # the discriminator's grounding probe, not a policy evaluation
+        return probe_discriminator(cfg.probe, cfg.data, cfg.probe_scenes, cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # single process
     print(f"config: {json.dumps(asdict(cfg))}")
     specs = parse_named(cfg.models)

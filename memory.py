@@ -187,7 +187,7 @@ def policy_params(m, cfg):
                for _, x in linears(m, lambda n: re.fullmatch(models.LORA_TARGETS, n)))
     # QLoRA: bitsandbytes quantises every Linear but the vision tower's and the LM head
     nf4 = numel(x.weight for _, x in linears(m, lambda n: ".visual." not in n and n != "lm_head"))
-    train_vision = cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in models.PRESETS)
+    train_vision = cfg.vision == "trained" or (cfg.vision == "auto" and models.random_init(cfg.model))
     return {"vision tower": visual - merger, "merger": merger, "embeddings + LM head": embed,
             "language model": total - visual - embed, "total": total, "lora": lora, "nf4": nf4,
             "full": total - (0 if train_vision else visual), "tied": m.config.tie_word_embeddings,

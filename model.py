@@ -47,21 +47,39 @@ HUB_ALIASES = {
     "Qwen3-VL-8B": "Qwen/Qwen3-VL-8B-Instruct",
 }
 
-# The embedded presets. `tiny` is the shape that learned the counting task best in docs/measured.md#what-a-tiny-model-learns-on-2-cores
-# (text 128 wide x 2 layers, vision 64 wide x 2 blocks, 8 px patches): 96 px images become 12x12
-# patches, merged 2x2 into 36 image tokens. `small` (~5M parameters) is for the longer reproduction.
+# The embedded random-init shapes. `tiny-random` is the shape that learned the counting task best
+# (docs/measured.md#what-a-tiny-model-learns-on-2-cores: text 128 wide x 2 layers, vision 64 wide
+# x 2 blocks, 8 px patches): 96 px images become 12x12 patches, merged 2x2 into 36 image tokens.
+# `small-random` (~5M parameters) is for the longer reproduction. `tiny` and `small` are these,
+# pretrained to see (PRETRAINED, pretrain.py).
 PRESETS = {
-    "tiny": dict(
+    "tiny-random": dict(
         text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=32, intermediate_size=384),
         vision=dict(hidden_size=64, depth=2, num_heads=4, intermediate_size=256, patch_size=8,
                     num_position_embeddings=64, deepstack_visual_indexes=[0])),
-    "small": dict(
+    "small-random": dict(
         text=dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
                   head_dim=32, intermediate_size=768),
         vision=dict(hidden_size=128, depth=3, num_heads=4, intermediate_size=512, patch_size=8,
                     num_position_embeddings=64, deepstack_visual_indexes=[1])),
 }
+# The default bases: pretrained on generic perception data of the task's world (pretrain.py), as the
+# paper's Qwen3-VL already sees before SFT. NANOPRISM_BASE=random maps them to the random-init
+# builds (the tests do: those build in a second, the pretrained ones in minutes).
+PRETRAINED = {"tiny": "tiny-random", "small": "small-random"}
+
+
+def preset_name(name):
+    """--model value -> itself, or the random-init preset when NANOPRISM_BASE=random."""
+    if name in PRETRAINED and os.environ.get("NANOPRISM_BASE", "pretrained") == "random":
+        return PRETRAINED[name]
+    return name
+
+
+def random_init(name):
+    """True for the random-init embedded models: their (random) vision tower must be trained."""
+    return preset_name(name) in PRESETS
 
 # Qwen's special tokens, in Qwen's order, plus the three answer tags as single tokens (a tiny model
 # learns the format much faster when `<caption>` is one token rather than five).
@@ -153,7 +171,7 @@ def _train_tokenizer(corpus, vocab_size):
     return fast
 
 
-def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
+def build_embedded(preset="tiny-random", seed=0, cache_dir=CACHE_DIR, image_size=96):
     """Build (or reuse from cache) the embedded model folder for `preset`; return its path.
 
     Deterministic: the corpus, the tokenizer and the weights all come from `seed`. The cache key
@@ -165,6 +183,7 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
     )
 
     import task
+    preset = PRETRAINED.get(preset, preset)  # "tiny" here means its shape: this builds random weights
     spec = PRESETS[preset]
     key = hashlib.sha256(json.dumps([spec, seed, image_size, BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"{preset}-seed{seed}-{key}")
@@ -228,6 +247,12 @@ def build_embedded(preset="tiny", seed=0, cache_dir=CACHE_DIR, image_size=96):
 
 def resolve_model(name, seed=0):
     """Turn a --model value into a local folder or hub id (building the embedded model if asked)."""
+    name = preset_name(name)
+    if name in PRETRAINED:
+        # one base for every training seed, as the paper starts every run from one Qwen3-VL; the
+        # policy and the discriminator's backbone are then the same weights
+        import pretrain
+        return pretrain.build(name, seed=0)
     if name in PRESETS:
         return build_embedded(name, seed=seed)
     if name == "proxy":  # the real-vocabulary Qwen3-VL stand-in (proxy.py)
@@ -393,7 +418,7 @@ def load_policy(cfg, device, log=print):
     random encoder cannot learn to see); any trained tower stays frozen, as in the paper."""
     from common import latest_checkpoint
     resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
-    train_vision = cfg.vision == "trained" or (cfg.vision == "auto" and cfg.model in PRESETS)
+    train_vision = cfg.vision == "trained" or (cfg.vision == "auto" and random_init(cfg.model))
     model, processor, _ = load_model(resume_from or cfg.model, device, dtype=stage_dtype(cfg),
                                      attn=cfg.attn, lora=cfg.lora, qlora=cfg.qlora,
                                      lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,

@@ -46,7 +46,7 @@ def plan(a, seed):
     for kind in kinds:
         disc, aligned = os.path.join(root, f"disc_{kind}"), os.path.join(root, f"align_{kind}")
         stages.append((["warmup.py", "--policy", starts["sft"], "--kind", kind, "--epochs", "3",
-                        "--out_dir", disc, *common], disc))
+                        "--out_dir", disc, *shlex.split(a.warmup_flags), *common], disc))
         stages.append((["align.py", "--model", starts["sft"], "--disc", os.path.join(disc, "final"),
                         "--out_dir", aligned, "--eval_every", "0", *shlex.split(a.align_flags), *common], aligned))
         starts[f"align_{kind}"] = os.path.join(aligned, "final")
@@ -118,6 +118,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/reproduce", help="output root")
     ap.add_argument("--data", default="data/tiny", help="task folder (written by task.py if missing)")
     ap.add_argument("--sft_flags", default="--lr 1e-3", help="extra sft.py flags (the default suits `small`)")
+    ap.add_argument("--warmup_flags", default="", help="extra `discriminator.py warmup` flags, e.g. '--hard_negatives 1'")
     ap.add_argument("--align_flags", default="", help="extra align.py flags, e.g. '--steps 150'")
     ap.add_argument("--rl_flags", default="", help="extra rlvr.py flags, e.g. '--steps 300'")
     a = ap.parse_args(argv)

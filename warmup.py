@@ -10,9 +10,14 @@ from the SFT policy (format-invalid answers skipped and counted) and written to
 out_dir/warmup_pairs.jsonl in the official format. AdamW, 10% linear warm-up, cosine, clip 1.0.
 
 Deviations from the paper / official code, all deliberate:
-  - Default backbone: our random-init `tiny` model (paper: Qwen3-VL-2B), which needs lr 1e-3
-    (paper: 1e-5, pass it for a pretrained backbone) and trains its vision tower (`--vision auto`
-    as in sft.py: a frozen random encoder cannot see); pretrained towers stay frozen.
+  - Default backbone: the embedded `tiny` base, pretrained to see the shapes world (pretrain.py),
+    the policy's own starting point, as the paper upcycles D from a pretrained Qwen3-VL-2B of the
+    policy's family. lr 1e-3 (paper: 1e-5 for a 2B model). `--backbone tiny-random` is the old
+    random-init D (docs/results.md: it cannot see; the grounding probe stays at chance).
+  - `--hard_negatives R` (ours; official: 0) adds R extra pairs per training pair whose student is
+    the teacher's answer with one object misperceived (hard_negative_pairs): style-matched, so
+    only the image tells them apart. At the end, the grounding probe (evaluate.py) on
+    `--probe_data` is printed and logged.
   - The warm-up adds the alignment loss's score regulariser (0.001 * mean score^2; official
     warm-up: none). Without it, 3 epochs at lr 1e-3 pushed most scores onto the +10 clamp, where a
     tied pair has zero gradient: held-out acc_cap/acc_cot 0.53/0.37, with it 0.84/0.74
@@ -83,6 +88,11 @@ class Config:
     aux_coef: float = 0.01  # weight of the MoE load-balancing loss (official: 0.01)
     score_reg: float = 0.001  # weight of mean(score^2), as in alignment (official warm-up: none)
     val_pairs: int = 64  # pairs held out and scored at the end (0 = none)
+    # extra pairs per training pair whose student is the teacher's answer with one object
+    # misperceived (0 = official)
+    hard_negatives: float = 0.0  # hard-negative pairs per training pair (0 = official)
+    # held-out prompts for the grounding probe printed at the end ("" = none)
+    probe_data: str = "data/tiny/test.parquet"  # prompts with scenes for the grounding probe
     micro_batch: int = 16  # sequences per forward when scoring held-out pairs
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
@@ -132,6 +142,35 @@ def build_pairs(cfg, device, log):
     with open(path, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
     return path
+
+
+def hard_negative_pairs(prompts_path, n, seed=0):
+    """n warm-up pairs whose student is the teacher's own answer with ONE object misperceived
+    (missed, doubled, wrong colour or shape): the caption's objects line changed, and the steps
+    redone consistently on that perception (task.misperceive). Same style both sides, so only
+    content tells them apart: what the sampled pairs alone did not teach (docs/results.md, probe).
+    Needs prompts with scenes (extra_info.scene, as task.py writes); rows cycle when n > rows."""
+    import evaluate
+    import task
+    rows = data.load_prompts(prompts_path, require_teacher=True, log=lambda *a: None)
+    rows = [r for r in rows if r["extra_info"].get("scene") and len(r["images"]) == 1]
+    records = evaluate.task_records(prompts_path, rows)
+    rng = random.Random(f"nanoprism/hard-negatives/{seed}")
+    out = []
+    for k in range(n if rows else 0):
+        row, record = rows[k % len(rows)], records[k % len(rows)]
+        objects = json.loads(row["extra_info"]["scene"])["objects"]
+        question = next(m["content"] for m in row["messages"] if m["role"] == "user")
+        if record is not None:  # perception and reasoning follow the same mistake
+            seen, steps, answer = task.misperceive(objects, record, rng)
+            cot = task.split_response(task.format_response([], steps, answer))[1]
+        else:  # no question params: the caption alone is wrong, the reasoning pair ties
+            seen, cot = rng.choice(task._misperceptions(objects)), row["teacher_cot"]
+        caption = evaluate.misperceived_caption(row["teacher_caption"], seen)
+        out.append({"prompt": question.replace("<image>", "").strip(), "image": row["images"][0],
+                    "teacher_caption": row["teacher_caption"], "teacher_cot": row["teacher_cot"],
+                    "student_caption": caption, "student_cot": cot})
+    return out
 
 
 def pair_loss(disc, processor, pairs, aux_coef=0.01, score_reg=0.001, micro_batch=0):
@@ -189,6 +228,11 @@ def main(argv=None):
     random.Random(cfg.seed).shuffle(pairs)
     n_val = min(cfg.val_pairs, len(pairs) // 5)  # never hold out more than a fifth
     val, train = pairs[:n_val], pairs[n_val:]
+    if cfg.hard_negatives:  # training only: the held-out pairs stay the sampled ones
+        hard = hard_negative_pairs(cfg.prompts, round(cfg.hard_negatives * len(train)), cfg.seed)
+        print(f"data: {len(hard)} hard-negative pairs (teacher vs one object misperceived) "
+              f"from {cfg.prompts}")
+        train = train + hard
     steps = cfg.steps or cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     cfg = dataclasses.replace(cfg, steps=steps)  # the schedule (lr_at) reads cfg.steps
     print(f"data: {len(train)} training pairs, {len(val)} held out, {steps} steps")
@@ -254,6 +298,11 @@ def main(argv=None):
     final = os.path.join(cfg.out_dir, "final")
     save(disc, processor, final, info=common.run_info(cfg))
     print(f"saved {final}")
+    if cfg.probe_data and os.path.exists(cfg.probe_data):  # does D judge content, or only style?
+        import evaluate
+        probe = evaluate.probe_discriminator(disc, cfg.probe_data, seed=cfg.seed,
+                                             processor=processor)
+        common.append_jsonl(metrics_path, {"step": cfg.steps, "probe": probe})
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def plan(cpu, gpus):
     # with LoRA (a bf16 frozen base) and under FSDP (fp32 shards, bf16 compute)
     runs = []
     dtype = ["--dtype", "fp32"] if cpu else ["--dtype", "auto"]
-    for model in ["proxy"] if cpu else ["tiny", "proxy"]:
+    for model in ["proxy"] if cpu else ["tiny-random", "proxy"]:
         for stage in ("sft", "warmup", "align", "rlvr", "evaluate"):
             flags = dtype + ["--attn", "sdpa"] if stage != "evaluate" else []
             runs.append((model, "one device", stage, flags, 1))

@@ -212,7 +212,8 @@ def test_warmup_builds_official_pairs_and_a_loadable_discriminator(dataset, rows
     monkeypatch.setattr(models, "generate", lambda *a, **k: answers[:len(a[2])])
     out = tmp_path / "warm"
     warmup.main(["--policy", "tiny", "--prompts", str(dataset / "align_prompts.parquet"), "--max_prompts", "12",
-            "--out_dir", str(out), "--steps", "2", "--batch_size", "4", "--val_pairs", "2"])
+            "--out_dir", str(out), "--steps", "2", "--batch_size", "4", "--val_pairs", "2",
+                 "--probe_data", ""])
     pairs = [json.loads(line) for line in (out / "warmup_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 8  # 12 prompts, 4 malformed answers skipped
     assert set(pairs[0]) == {"prompt", "image", "teacher_caption", "teacher_cot", "student_caption", "student_cot"}
