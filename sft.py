@@ -11,11 +11,12 @@ The algorithm (docs/algorithms.md#sft), and where we differ from the paper:
     its summed token losses by the step's global token count, so gradient accumulation and data
     parallelism give exactly the gradient of one big batch (a per-micro-batch mean would weight
     short answers more).
-  - vision tower and projector frozen (paper) for pretrained models; the embedded models start from
-    random weights, so there `--vision auto` trains the tower too (a frozen random encoder cannot
-    learn to see). AdamW, cosine schedule with linear warm-up (paper:
-    lr 1e-5, 10% warm-up, 1 epoch). The tiny embedded model trains from random weights, so its
-    defaults differ: lr 2e-3, betas (0.9, 0.95), a fixed number of steps over several epochs.
+  - vision tower and projector frozen (paper; the official code's only frozen stage) for
+    pretrained models, the embedded `tiny` included: it is pretrained to see (pretrain.py), as the
+    paper's Qwen3-VL. Only a random-init model (`tiny-random`) trains its tower here (`--vision
+    auto`: a frozen random encoder cannot learn to see). AdamW, cosine schedule with linear
+    warm-up (paper: lr 1e-5, 10% warm-up, 1 epoch). The tiny models' defaults differ: lr 2e-3,
+    betas (0.9, 0.95), a fixed number of steps over several epochs.
   - data: the paper mixes a large "public" SFT set with a small high-fidelity teacher set; the
     default here does the same with the synthetic task's two demonstrators (task.py).
 
