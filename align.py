@@ -93,6 +93,10 @@ class Config:
     model: str = "runs/sft/final"  # start policy: checkpoint, tiny | small, Qwen3-VL-4B, hub id
     disc: str = "runs/disc_warmup/final"  # D: a warm-up folder, or a backbone name (built fresh)
     disc_kind: Literal["moe", "dense", "text-only"] = "moe"  # for a fresh D (paper's ablations)
+    # for a fresh D: what it trains (discriminator.build; a warm-up folder keeps its own setting)
+    disc_train: Literal["full", "lora", "head"] = "full"  # full = the paper; lora / head: 1 GPU
+    disc_4bit: bool = False  # fresh D: frozen language-model layers in nf4 (lora / head only)
+    disc_lora_r: int = 16  # fresh D: rank of its LoRA experts (--disc_train lora)
     data: str = "data/tiny/align_prompts.parquet"  # prompts + teacher references (parquet / JSONL)
     val_data: str = "data/tiny/val.parquet"  # held-out prompts for greedy evaluation
     out_dir: str = "runs/align"  # checkpoints, metrics.jsonl, samples.jsonl, final policy and D
@@ -184,7 +188,8 @@ def main(argv=None):
         raise SystemExit(f"error: no prompt of {cfg.data} fits in --max_prompt_len "
                          f"{cfg.max_prompt_len} tokens")
     disc_path = os.path.join(resume_from, "discriminator") if resume_from else cfg.disc
-    disc_dtype = models.stage_dtype(cfg, trains_all_weights=True)  # D trains every weight
+    # D's weights: fp32 where they are trained (model.stage_dtype)
+    disc_dtype = models.stage_dtype(cfg, trains_all_weights=cfg.disc_train == "full")
     if os.path.isdir(disc_path):
         disc, disc_processor = discriminator.load(disc_path, device, dtype=disc_dtype,
                                                   attn=cfg.attn, meta=models.meta_load(cfg))
@@ -194,9 +199,13 @@ def main(argv=None):
                          "--out_dir runs/disc_warmup")
     else:
         log(f"discriminator: none warmed up, building a fresh {cfg.disc_kind} one on {disc_path}")
-        disc, disc_processor = discriminator.build(disc_path, device, kind=cfg.disc_kind,
-                                                   seed=cfg.seed, dtype=disc_dtype,
-                                                   meta=models.meta_load(cfg))
+        try:
+            disc, disc_processor = discriminator.build(
+                disc_path, device, kind=cfg.disc_kind, seed=cfg.seed, dtype=disc_dtype,
+                meta=models.meta_load(cfg), train=cfg.disc_train, bits4=cfg.disc_4bit,
+                lora_r=cfg.disc_lora_r)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     models.set_image_size(disc_processor, cfg)  # D sees the images as the policy does
     if cfg.disc_grad_ckpt:
         discriminator.gradient_checkpointing(disc)

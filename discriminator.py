@@ -206,10 +206,25 @@ def guard(scores):
 
 def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noise=0.01,
           routing="learned", vision="auto", max_segment_tokens=512, dtype="auto", attn="sdpa",
-          seed=0, meta=False):
+          seed=0, meta=False, train="full", bits4=False, lora_r=16):
     """A fresh discriminator from a VLM backbone -> (disc, processor). Any name models.load_model
     accepts; vision "auto" trains the tower of the random-init embedded models only (as sft.py).
-    meta: shapes only (models.meta_load: rank 0's weights fill the shards)."""
+    meta: shapes only (models.meta_load: rank 0's weights fill the shards).
+
+    What D trains, for GPUs too small for the paper's fully trained D (docs/scaling.md):
+      train "full"   every weight but a frozen vision tower (the paper, the official code)
+            "lora"   rank-lora_r LoRA adapters on every expert's gate / up / down projections,
+                     the routers and the value head; the upcycled experts themselves frozen
+            "head"   the value head alone: a linear probe on frozen features (a smoke test)
+      bits4          the frozen language-model linear layers in nf4 (bitsandbytes), after
+                     upcycling (the experts keep their noise); with "lora" or "head" only
+    The trade-off against the paper's D: its experts can only move in a rank-lora_r subspace (or
+    not at all), and a 4-bit backbone's features are slightly perturbed."""
+    if train not in ("full", "lora", "head") or (bits4 and train == "full"):
+        raise ValueError(f"train must be full, lora or head, and bits4 needs lora or head: got "
+                         f"{train}, bits4={bits4}")
+    if train == "lora" and kind == "dense":
+        raise ValueError("train='lora' adapts the experts: it needs kind moe or text-only")
     device = device or torch.device("cpu")
     train_vision = vision == "trained" or (vision == "auto" and models.random_init(backbone))
     train_vision = train_vision and kind != "text-only"  # text-only never runs the tower
@@ -218,12 +233,50 @@ def build(backbone="tiny", device=None, *, kind="moe", n_experts=4, top_k=2, noi
     dense = kind == "dense"
     cfg = {"kind": kind, "n_experts": 1 if dense else n_experts, "top_k": 1 if dense else top_k,
            "noise": noise, "routing": routing, "max_segment_tokens": max_segment_tokens,
-           "train_vision": train_vision, "backbone": backbone}
-    # expert noise, routers and the value head from `seed`: the same on every rank, and the caller's
-    # RNG stream (seeded per rank, for sampling) is left where it was
+           "train_vision": train_vision, "backbone": backbone, "train": train, "bits4": bits4,
+           "lora_r": lora_r, "seed": seed}
+    # expert noise, routers, the value head and LoRA from `seed`: the same on every rank (and in
+    # load(), which rebuilds a partly trained D this way), the caller's RNG stream left alone
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return Discriminator(vlm.model, cfg), processor
+        disc = Discriminator(vlm.model, cfg)
+        if train != "full":
+            _partly_trainable(disc, train, bits4, lora_r, device)
+    return disc, processor
+
+
+def _partly_trainable(disc, train, bits4, lora_r, device):
+    """build()'s "lora" / "head" designs: optionally nf4 for the language model's linear layers
+    (the routers stay full precision: they are trained), LoRA on the experts, and requires_grad
+    on exactly the trained parameters."""
+    if bits4:
+        import bitsandbytes as bnb
+        compute = disc.value_head.weight.dtype
+
+        def quantize(module):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and name != "router":
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                          bias=child.bias is not None, compute_dtype=compute,
+                                          quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                                 quant_type="nf4")
+                    q.bias = child.bias
+                    # bitsandbytes' CPU repacking kernel has no backward (see model.load_model)
+                    q.support_avx512bf16_for_cpu = False
+                    setattr(module, name, q)
+                else:
+                    quantize(child)
+        quantize(disc.backbone.language_model)
+        disc.to(device)  # Params4bit quantise on their way to the device
+    if train == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+        targets = r".*experts\.\d+\.(gate_proj|up_proj|down_proj)"
+        inject_adapter_in_model(LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                           target_modules=targets), disc)
+    for name, p in disc.named_parameters():
+        p.requires_grad_("value_head" in name or (train == "lora" and (
+            "lora_" in name or ".router." in name)))
 
 
 def gradient_checkpointing(disc):
@@ -257,6 +310,9 @@ def save(disc, processor, path, info=None):
     if common.get_rank() != 0:
         return
     state = disc.state_dict() if state is None else state
+    if disc.cfg.get("train", "full") != "full":  # the rest is rebuilt from the backbone (load)
+        trained = {n for n, p in disc.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trained}
 
     def write(tmp):
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -283,6 +339,22 @@ def load(path, device=None, dtype="auto", attn="sdpa", meta=False):
         raise SystemExit(f"error: {path} is not a discriminator folder (no disc_config.json)")
     with open(os.path.join(path, "disc_config.json")) as f:
         cfg = json.load(f)
+    if cfg.get("train", "full") != "full":
+        # a partly trained D holds only its trained weights: rebuild the rest exactly (same
+        # backbone, same seed: the same expert noise, routers' init and LoRA init), then load
+        disc, processor = build(cfg["backbone"], device, kind=cfg["kind"],
+                                n_experts=cfg["n_experts"], top_k=cfg["top_k"],
+                                noise=cfg["noise"], routing=cfg["routing"],
+                                max_segment_tokens=cfg["max_segment_tokens"], dtype=dtype,
+                                attn=attn, seed=cfg["seed"], train=cfg["train"],
+                                bits4=cfg["bits4"], lora_r=cfg["lora_r"],
+                                vision="trained" if cfg["train_vision"] else "frozen")
+        trained = load_file(os.path.join(path, "model.safetensors"), device=str(device))
+        unknown = set(trained) - set(disc.state_dict())
+        if unknown:
+            raise SystemExit(f"error: {path} holds weights this build lacks: {sorted(unknown)[:3]}")
+        disc.load_state_dict(trained, strict=False)
+        return disc, processor
     with open(os.path.join(path, "backbone_config.json")) as f:
         config = AutoConfig.for_model(**json.load(f))
     with torch.device("meta" if meta else "cpu"):

@@ -65,6 +65,11 @@ class Config:
     top_k: int = 2  # experts per token (official: 2)
     noise: float = 0.01  # std of the noise added to each expert copy (official: 0.01)
     max_segment_tokens: int = 512  # segments longer than this keep their first tokens (counted)
+    # what D trains (discriminator.build): full = the paper; lora = LoRA experts + routers + head
+    # (with --disc_4bit: the one-GPU recipe of docs/scaling.md); head = the value head alone
+    disc_train: Literal["full", "lora", "head"] = "full"  # what D trains (full = the paper)
+    disc_4bit: bool = False  # D's frozen language-model layers in nf4 (lora / head only)
+    disc_lora_r: int = 16  # rank of D's LoRA experts (--disc_train lora)
     # the vision tower; auto trains the tower of the random-init embedded backbones only (as sft.py)
     vision: Literal["auto", "frozen", "trained"] = "auto"  # auto: frozen if pretrained else trained
     pairs: str = ""  # official-format warm-up pairs JSONL; empty = sample --policy on --prompts
@@ -237,12 +242,16 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, steps=steps)  # the schedule (lr_at) reads cfg.steps
     print(f"data: {len(train)} training pairs, {len(val)} held out, {steps} steps")
 
-    # ---- model and optimizer
+    # ---- model and optimizer. Trained weights stay fp32 (bf16 AdamW rounds small updates
+    # away; model.stage_dtype): "auto" means fp32 unless only LoRA / the head train
+    dtype = "fp32" if cfg.dtype == "auto" and cfg.disc_train == "full" else cfg.dtype
     try:
         disc, processor = build(cfg.backbone, device, kind=cfg.kind, n_experts=cfg.experts,
                                 top_k=cfg.top_k, noise=cfg.noise, routing=cfg.routing,
                                 vision=cfg.vision, max_segment_tokens=cfg.max_segment_tokens,
-                                dtype=cfg.dtype, attn=cfg.attn, seed=cfg.seed)
+                                dtype=dtype, attn=cfg.attn, seed=cfg.seed,
+                                train=cfg.disc_train, bits4=cfg.disc_4bit,
+                                lora_r=cfg.disc_lora_r)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if cfg.grad_ckpt:
