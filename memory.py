@@ -352,7 +352,7 @@ def sft_step(c):
 
 
 def rl_steps(c):
-    """rollout.sample's chunk of prompts, then one micro-batch of rollout.policy_update."""
+    """rollout.sample's chunk of prompts, then one micro-batch of the policy update."""
     cfg, s, n = c.cfg, c.s, c.cfg.group_size
     width = c.P + c.new
     # sampling: chunk x group x (prompt + new) <= token_budget, at least one prompt
