@@ -418,7 +418,7 @@ class WarmupConfig:
     score_reg: float = 0.001  # weight of mean(score^2), as in the alignment loss (official warm-up: none)
     val_pairs: int = 64  # pairs held out and scored at the end (0 = none)
     hard_negatives: float = 0.0  # extra pairs per training pair whose student is the teacher's answer with one object misperceived (0 = official)
-    probe_data: str = "data/tiny/test.parquet"  # held-out prompts for the grounding probe printed at the end ("" = none)
+    probe_data: str = "auto"  # prompts for the grounding probe at the end (auto = test.parquet beside --prompts; "" = none)
     micro_batch: int = 16  # sequences per forward when scoring held-out pairs
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
@@ -603,10 +603,13 @@ def warmup(argv):
     final = os.path.join(cfg.out_dir, "final")
     save(disc, processor, final, info=common.run_info(cfg))
     print(f"saved {final}")
-    if cfg.probe_data and os.path.exists(cfg.probe_data):  # does D judge content, or only style?
+    # does D judge content, or only style? (evaluate.grounding_probe) -> printed and probe.json
+    probe_data = os.path.join(os.path.dirname(cfg.prompts), "test.parquet") if cfg.probe_data == "auto" \
+        else cfg.probe_data
+    if probe_data and os.path.exists(probe_data):
         import evaluate
-        probe = evaluate.probe_discriminator(disc, cfg.probe_data, seed=cfg.seed, processor=processor)
-        common.append_jsonl(metrics_path, {"step": cfg.steps, "probe": probe})
+        probe = evaluate.probe_discriminator(disc, probe_data, seed=cfg.seed, processor=processor)
+        common.write_json_atomic(os.path.join(cfg.out_dir, "probe.json"), {"data": probe_data, **probe})
 
 
 def main(argv=None):
