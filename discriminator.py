@@ -417,8 +417,8 @@ class WarmupConfig:
     aux_coef: float = 0.01  # weight of the MoE load-balancing loss (official: 0.01)
     score_reg: float = 0.001  # weight of mean(score^2), as in the alignment loss (official warm-up: none)
     val_pairs: int = 64  # pairs held out and scored at the end (0 = none)
-    hard_negatives: float = 0.0  # extra pairs per training pair whose student is the teacher's answer with one object misperceived (0 = official)
-    probe_data: str = "auto"  # prompts for the grounding probe at the end (auto = test.parquet beside --prompts; "" = none)
+    hard_negatives: float = 0.0  # extra pairs per pair: teacher vs itself, one object off (0: official)
+    probe_data: str = "auto"  # grounding probe at the end (auto: test.parquet by --prompts; "": off)
     micro_batch: int = 16  # sequences per forward when scoring held-out pairs
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
@@ -544,7 +544,8 @@ def warmup(argv):
     val, train = pairs[:n_val], pairs[n_val:]
     if cfg.hard_negatives:  # training only: the held-out pairs stay the sampled ones
         hard = hard_negative_pairs(cfg.prompts, round(cfg.hard_negatives * len(train)), cfg.seed)
-        print(f"data: {len(hard)} hard-negative pairs (teacher vs one object misperceived) from {cfg.prompts}")
+        print(f"data: {len(hard)} hard-negative pairs (teacher vs one object misperceived) "
+              f"from {cfg.prompts}")
         train = train + hard
     steps = cfg.steps or cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     cfg = dataclasses.replace(cfg, steps=steps)  # the schedule (lr_at) reads cfg.steps
@@ -604,12 +605,14 @@ def warmup(argv):
     save(disc, processor, final, info=common.run_info(cfg))
     print(f"saved {final}")
     # does D judge content, or only style? (evaluate.grounding_probe) -> printed and probe.json
-    probe_data = os.path.join(os.path.dirname(cfg.prompts), "test.parquet") if cfg.probe_data == "auto" \
-        else cfg.probe_data
+    probe_data = cfg.probe_data
+    if probe_data == "auto":
+        probe_data = os.path.join(os.path.dirname(cfg.prompts), "test.parquet")
     if probe_data and os.path.exists(probe_data):
         import evaluate
         probe = evaluate.probe_discriminator(disc, probe_data, seed=cfg.seed, processor=processor)
-        common.write_json_atomic(os.path.join(cfg.out_dir, "probe.json"), {"data": probe_data, **probe})
+        common.write_json_atomic(os.path.join(cfg.out_dir, "probe.json"),
+                                 {"data": probe_data, **probe})
 
 
 def main(argv=None):

@@ -79,7 +79,7 @@ class Config:
     seed: int = 0  # sampling seed (the same for every model); also the embedded presets' build seed
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
-    probe: str = ""  # a discriminator folder: run the grounding probe on --data instead (--models unused)
+    probe: str = ""  # a discriminator folder: its grounding probe on --data, no --models
     probe_scenes: int = 200  # scenes (prompt rows) of the grounding probe
 
 
@@ -262,10 +262,11 @@ def plain_perception(model, processor, rows, batch_size=64, max_new_tokens=64):
     rows = [r for r in rows if (r.get("extra_info") or {}).get("scene") and len(r["images"]) == 1]
     if not rows:
         return None, []
-    prompts = [{"messages": [{"role": "user", "content": "<image>\n" + DESCRIBE}], "images": r["images"]}
-               for r in rows]
+    question = [{"role": "user", "content": "<image>\n" + DESCRIBE}]
+    prompts = [{"messages": question, "images": r["images"]} for r in rows]
     answers = models.generate(model, processor, prompts, max_new_tokens, batch_size)
-    hits = [read_objects(a) == scene_objects(r["extra_info"]["scene"]) for a, r in zip(answers, rows)]
+    hits = [read_objects(a) == scene_objects(r["extra_info"]["scene"])
+            for a, r in zip(answers, rows)]
     return sum(hits) / len(hits), answers
 
 
@@ -313,7 +314,8 @@ def markdown_table(results):
     greedy / mean@k accuracy by difficulty level and by question type."""
     k = results.get("k", 0)
     head = ["model", "greedy acc", f"mean@{k} acc", "format", "perception acc", "reasoning acc (caption right)",
-            "reasoning acc (caption wrong)", "plain perception acc", "MMD^2", "Frechet", "response len", "think len"]
+            "reasoning acc (caption wrong)", "plain perception acc", "MMD^2", "Frechet",
+            "response len", "think len"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     entries = list(results["models"].items()) + ([("teacher (reference)", results["teacher"])]
                                                   if results.get("teacher") else [])
@@ -455,8 +457,9 @@ def task_records(data_path, rows):
         meta = json.load(f)
     sizes = meta["sizes"]
     sizes = {"test": sizes["test"], "val": sizes["val"],
-             "train": sum(sizes[k] for k in ("sft_public", "sft_teacher", "align_prompts", "rl_prompts"))}
-    order = ["test", "val", "train"]  # write_dataset's order: each split excludes the earlier scenes
+             "train": sum(sizes[k] for k in ("sft_public", "sft_teacher", "align_prompts",
+                                             "rl_prompts"))}
+    order = ["test", "val", "train"]  # write_dataset's order: each excludes the earlier scenes
     last = max((order.index(r["extra_info"].get("split")) for r in rows
                 if r["extra_info"].get("split") in order), default=-1)
     drawn, taken = {}, set()
@@ -496,8 +499,8 @@ def probe_pairs(rows, records, seed=0):
                   if scene_objects(scenes[k % len(rows)]) != scene_objects(scene)), None)
         if j is not None:
             p = pairs["cap_swapped_image"]
-            p[0].append(row), p[1].append(caption), p[2].append({**row, "images": rows[j]["images"]})
-            p[3].append(caption)
+            p[0].append(row), p[1].append(caption)
+            p[2].append({**row, "images": rows[j]["images"]}), p[3].append(caption)
         if record is not None:
             _, steps, answer = task.misperceive(objects, record, rng)
             _, cot = task.split_response(task.format_response([], steps, answer))
@@ -510,7 +513,8 @@ def grounding_probe(score_fn, rows, records=None, seed=0):
     """Pairwise accuracy of a scorer on the probe's three tests -> {test: {acc, se, gap, n}}.
 
     score_fn(prompts, segments, which) -> (B,) scores (higher = more teacher-like); `which` is
-    "cap" or "cot" as in discriminator.score. records: task_records(...) (None = no reasoning test)."""
+    "cap" or "cot" as in discriminator.score. records: task_records(...) (None: no reasoning
+    test)."""
     pairs = probe_pairs(rows, records or [None] * len(rows), seed)
     out = {}
     for t in PROBE_TESTS:

@@ -182,7 +182,7 @@ def build_embedded(preset="tiny-random", seed=0, cache_dir=CACHE_DIR, image_size
     )
 
     import task
-    preset = PRETRAINED.get(preset, preset)  # "tiny" here means its shape: this builds random weights
+    preset = PRETRAINED.get(preset, preset)  # "tiny" means its shape here: random weights
     spec = PRESETS[preset]
     key = hashlib.sha256(json.dumps([spec, seed, image_size, BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"{preset}-seed{seed}-{key}")
@@ -365,7 +365,8 @@ def load_policy(cfg, device, log=print):
     resume_from = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     model, processor, _ = load_model(resume_from or cfg.model, device, dtype=stage_dtype(cfg), attn=cfg.attn, lora=cfg.lora,
                                      qlora=cfg.qlora, lora_r=cfg.lora_r, grad_ckpt=cfg.grad_ckpt, seed=cfg.seed,
-                                     train_vision=cfg.vision == "trained" or (cfg.vision == "auto" and random_init(cfg.model)))
+                                     train_vision=cfg.vision == "trained"
+                                     or (cfg.vision == "auto" and random_init(cfg.model)))
     total, trainable = count_params(model)
     log(f"model: {cfg.model} ({total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable)"
         + (f", resuming from {resume_from}" if resume_from else ""))
