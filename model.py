@@ -183,7 +183,7 @@ def build_embedded(preset="tiny-random", seed=0, cache_dir=CACHE_DIR, image_size
     )
 
     import task
-    preset = PRETRAINED.get(preset, preset)  # "tiny" here means its shape: this builds random weights
+    preset = PRETRAINED.get(preset, preset)  # "tiny" means its shape here: random weights
     spec = PRESETS[preset]
     key = hashlib.sha256(json.dumps([spec, seed, image_size, BUILD_VERSION], sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f"{preset}-seed{seed}-{key}")

@@ -118,7 +118,8 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/reproduce", help="output root")
     ap.add_argument("--data", default="data/tiny", help="task folder (written by task.py if missing)")
     ap.add_argument("--sft_flags", default="--lr 1e-3", help="extra sft.py flags (the default suits `small`)")
-    ap.add_argument("--warmup_flags", default="", help="extra `discriminator.py warmup` flags, e.g. '--hard_negatives 1'")
+    ap.add_argument("--warmup_flags", default="",
+                    help="extra `discriminator.py warmup` flags, e.g. '--hard_negatives 1'")
     ap.add_argument("--align_flags", default="", help="extra align.py flags, e.g. '--steps 150'")
     ap.add_argument("--rl_flags", default="", help="extra rlvr.py flags, e.g. '--steps 300'")
     a = ap.parse_args(argv)

@@ -96,8 +96,8 @@ class Config:
     # extra pairs per training pair whose student is the teacher's answer with one object
     # misperceived (0 = official)
     hard_negatives: float = 0.0  # hard-negative pairs per training pair (0 = official)
-    # held-out prompts for the grounding probe printed at the end ("" = none)
-    probe_data: str = "data/tiny/test.parquet"  # prompts with scenes for the grounding probe
+    # held-out prompts with scenes for the grounding probe printed at the end
+    probe_data: str = "auto"  # grounding probe data (auto: test.parquet beside --prompts; "": off)
     micro_batch: int = 16  # sequences per forward when scoring held-out pairs
     skip_bad_rows: bool = False  # skip (and count) malformed rows instead of stopping
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 on capable GPUs, else fp32
@@ -307,11 +307,15 @@ def main(argv=None):
     final = os.path.join(cfg.out_dir, "final")
     save(disc, processor, final, info=common.run_info(cfg))
     print(f"saved {final}")
-    if cfg.probe_data and os.path.exists(cfg.probe_data):  # does D judge content, or only style?
+    # does D judge content, or only style? (evaluate.grounding_probe) -> printed and probe.json
+    probe_data = cfg.probe_data
+    if probe_data == "auto":
+        probe_data = os.path.join(os.path.dirname(cfg.prompts), "test.parquet")
+    if probe_data and os.path.exists(probe_data):
         import evaluate
-        probe = evaluate.probe_discriminator(disc, cfg.probe_data, seed=cfg.seed,
-                                             processor=processor)
-        common.append_jsonl(metrics_path, {"step": cfg.steps, "probe": probe})
+        probe = evaluate.probe_discriminator(disc, probe_data, seed=cfg.seed, processor=processor)
+        common.write_json_atomic(os.path.join(cfg.out_dir, "probe.json"),
+                                 {"data": probe_data, **probe})
 
 
 if __name__ == "__main__":

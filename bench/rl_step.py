@@ -1,7 +1,8 @@
 """Benchmark: seconds per RL step of rlvr.py on the embedded tiny model, the workload of the peer
 comparison in docs/speed.md (TRL GRPOTrainer: about 0.6 s per step on this 2-core CPU).
 
-Workload: the random-weight `tiny-random` Qwen3-VL (0.79M parameters), 64x64 images, fp32, 4 prompts x 8
+Workload: the random-weight `tiny-random` Qwen3-VL (0.79M parameters), 64x64 images, fp32,
+4 prompts x 8
 rollouts x up to 64 new tokens at temperature 1, GRPO, one optimizer step per batch of rollouts.
 A random policy rarely emits <|im_end|>, so nearly every rollout runs the full 64 tokens: the worst
 case of "up to 64".
@@ -29,7 +30,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5, help="untimed first steps")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--algo", default="grpo", help="grpo | dapo | gspo")
-    ap.add_argument("--model", default="tiny-random", help="model to benchmark (tiny-random = the peer's workload)")
+    ap.add_argument("--model", default="tiny-random",
+                    help="model to benchmark (tiny-random = the peer's workload)")
     args = ap.parse_args()
     import torch
 

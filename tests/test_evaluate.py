@@ -119,8 +119,10 @@ def test_markdown_table_key_cells():
     lines = md.splitlines()
     assert lines[0].startswith("| model | greedy acc | mean@4 acc | format | perception acc |")
     # plain perception (the base's describe question) is n/a: these results carry none
-    assert "| base | 0.000 | n/a | 1.000 | n/a | n/a | n/a | n/a | 1.2346 | 80.00 | 50.0 | 9.5 |" in lines
-    assert "| sft | 0.625 | 0.500 | 1.000 | 0.500 | 0.750 | 0.250 | n/a | -0.0077 | 1.29 | 50.0 | 9.5 |" in lines
+    assert ("| base | 0.000 | n/a | 1.000 | n/a | n/a | n/a | n/a | 1.2346 | 80.00 | 50.0 | 9.5 |"
+            in lines)
+    assert ("| sft | 0.625 | 0.500 | 1.000 | 0.500 | 0.750 | 0.250 | n/a | -0.0077 | 1.29 | 50.0 "
+            "| 9.5 |" in lines)
     assert any(line.startswith("| teacher (reference) | 1.000 | n/a |") for line in lines)
     assert "| model | level 1 (n=2) | level 2 (n=2) |" in md and "| sft | 0.625 / 0.500 | 0.312 / 0.250 |" in md
     assert "question type" not in md  # no qtype breakdown in these results: no table
@@ -130,8 +132,9 @@ def test_read_objects_in_either_format():
     # the base answers a bare list, an SFT model a caption: both read as the same multiset
     bare = evaluate.read_objects("2 red circles, 1 blue square.")
     assert bare == Counter({("red", "circle"): 2, ("blue", "square"): 1})
-    assert evaluate.read_objects("<caption>\n- style: flat\n- objects: 1 blue square, 2 red circles\n"
-                                 "- text: none\n</caption>") == bare
+    caption = ("<caption>\n- style: flat\n- objects: 1 blue square, 2 red circles\n- text: none\n"
+               "</caption>")
+    assert evaluate.read_objects(caption) == bare
     assert evaluate.read_objects("some shapes") is None
 
 

@@ -13,7 +13,8 @@ import task
 @pytest.fixture(scope="module")
 def rows_and_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe_data")
-    task.write_dataset(str(out), seed=3, n_sft_public=4, n_sft_teacher=4, n_align=4, n_rl=4, n_val=8, n_test=30)
+    task.write_dataset(str(out), seed=3, n_sft_public=4, n_sft_teacher=4, n_align=4, n_rl=4,
+                       n_val=8, n_test=30)
     path = str(out / "test.parquet")
     rows = data.load_prompts(path, require_teacher=True, log=lambda *a: None)
     return rows, evaluate.task_records(path, rows)
@@ -76,5 +77,7 @@ def test_pairs_differ_in_one_thing_only(rows_and_records):
     assert right_s == wrong_s and all(a["images"] != b["images"] and a["messages"] is b["messages"]
                                       for a, b in zip(right_p, wrong_p))
     _, right_s, _, wrong_s, which = pairs["cot_misperceived"]
-    assert which == "cot" and all(w.startswith("<think>") and w != r for r, w in zip(right_s, wrong_s))
-    json.dumps(evaluate.grounding_probe(lambda p, s, w: [0.0] * len(s), rows, records))  # serialisable
+    assert which == "cot"
+    assert all(w.startswith("<think>") and w != r for r, w in zip(right_s, wrong_s))
+    # the result goes to probe.json: it must serialise
+    json.dumps(evaluate.grounding_probe(lambda p, s, w: [0.0] * len(s), rows, records))

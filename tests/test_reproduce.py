@@ -9,7 +9,8 @@ import reproduce
 
 def args(**kw):
     base = dict(out="runs/r", model="small", data="data/tiny", kinds="moe,dense,text-only", algos="grpo,dapo,gspo",
-                ablation_algos="", sft_flags="--lr 1e-3", warmup_flags="", align_flags="", rl_flags="")
+                ablation_algos="", sft_flags="--lr 1e-3", warmup_flags="", align_flags="",
+                rl_flags="")
     return argparse.Namespace(**{**base, **kw})
 
 
