@@ -46,9 +46,9 @@ import time
 import torch
 
 # The recipe per preset. `tiny`: the settings that learn fast here (docs/measured.md: lr 2e-3,
-# batch 32, betas 0.9/0.95). Held-out object-list accuracy rises late (docs/results.md: 0.19 after
-# 900 steps, 0.42 after 1,200, 0.495 after 1,800); 1,800 steps are what we could afford, not
-# where it levels off. `small` has had no tuning run.
+# batch 32, betas 0.9/0.95). Held-out object-list accuracy rises late (docs/results.md: 0.495
+# after 1,800 steps, 0.840 with steps=3600 at twice the build time); 1,800 is what the measured
+# downstream runs used, not where it levels off. `small` has had no tuning run.
 RECIPES = {
     "tiny": dict(random="tiny-random", steps=1800, batch_size=32, lr=2e-3, warmup_frac=0.03,
                  min_lr_frac=0.05, describe_frac=0.9, questions=1, single_frac=0.1, image_size=96,
