@@ -127,7 +127,8 @@ class Config:
     lora: bool = False  # policy: LoRA adapters instead of all weights
     qlora: bool = False  # policy: 4-bit base weights + LoRA (needs bitsandbytes)
     lora_r: int = 16  # LoRA rank
-    # auto: frozen as in the paper, except a tower that was never trained (random-init presets)
+    # auto: frozen for a pretrained tower, trained for a random-init one. The official code
+    # freezes the tower only in SFT and trains it in stages 2-3: --vision trained (the demo's)
     vision: Literal["auto", "frozen", "trained"] = "auto"  # vision tower + projector
     attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     # auto: trained weights and AdamW states in fp32 (fsdp: bf16 compute), a LoRA base in bf16
