@@ -434,6 +434,19 @@ def _replace_dir(tmp, path):
     shutil.rmtree(path + ".old", ignore_errors=True)
 
 
+def publish_build(tmp, path):
+    """Rename a finished model build (folder tmp) to the cache folder path: atomic, so a
+    half-built folder is never picked up. Separate processes (parallel test runs, several jobs,
+    torchrun ranks) may build the same recipe on a cold cache at once: the first rename wins and
+    the others' identical builds are dropped."""
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json_atomic(path, obj):
     """A small JSON file written atomically (tmp file, fsync, rename)."""
     _write_atomic(path, json.dumps(obj))

@@ -190,7 +190,7 @@ def build_embedded(preset="tiny-random", seed=0, cache_dir=CACHE_DIR, image_size
     # Under torchrun rank 0 builds and the others wait: transformers' save_pretrained writes nothing
     # on a rank other than 0 once torch.distributed is initialised, so their folders would lack the
     # weights. Every rank calls this function at the same point (load_model), so the barrier pairs up.
-    from common import barrier, get_rank
+    from common import barrier, get_rank, publish_build
     if get_rank() != 0 or os.path.exists(os.path.join(path, "model.safetensors")):
         barrier()
         return path
@@ -233,14 +233,7 @@ def build_embedded(preset="tiny-random", seed=0, cache_dir=CACHE_DIR, image_size
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)  # atomic: a half-built folder is never picked up as the cache
-    except OSError:
-        # Separate processes (parallel test runs, several jobs) may build on a cold cache at once;
-        # the first rename wins and the others' identical builds (same seed, same recipe) are dropped.
-        if not os.path.exists(os.path.join(path, "model.safetensors")):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_build(tmp, path)
     barrier()
     return path
 

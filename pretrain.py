@@ -169,7 +169,7 @@ def recipe_key(preset, seed, random_path):
 def build(preset="tiny", seed=0, cache_dir=None, eval_every=0, log=print):
     """Build (or reuse from cache) the pretrained base for `preset`; return its folder."""
     import model as models
-    from common import barrier, get_rank
+    from common import barrier, get_rank, publish_build
     cache_dir = cache_dir or models.CACHE_DIR
     spec = RECIPES[preset]
     random_path = models.build_embedded(spec["random"], seed=seed, cache_dir=cache_dir)
@@ -198,12 +198,7 @@ def build(preset="tiny", seed=0, cache_dir=None, eval_every=0, log=print):
     processor.image_processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "pretrain.json"), "w") as f:
         json.dump(info, f, indent=2)
-    try:
-        os.replace(tmp, path)  # atomic; a concurrent identical build may have won the rename
-    except OSError:
-        if not os.path.exists(os.path.join(path, "model.safetensors")):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_build(tmp, path)
     barrier()
     return path
 

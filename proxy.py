@@ -128,7 +128,7 @@ def build(cache_dir, seed=0):
                               Qwen3VLForConditionalGeneration)
 
     import task
-    from common import barrier, get_rank
+    from common import barrier, get_rank, publish_build
     from data import SYSTEM_PROMPT
     recipe = [TEXT, VISION, IMAGES, CHAT_TEMPLATE, seed, RECIPE_VERSION]
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
@@ -163,11 +163,6 @@ def build(cache_dir, seed=0):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
-    try:
-        os.replace(tmp, path)  # atomic: a half-built folder is never picked up as the cache
-    except OSError:  # another process built the same folder first (same seed, same recipe)
-        if not os.path.exists(os.path.join(path, "model.safetensors")):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_build(tmp, path)
     barrier()
     return path
