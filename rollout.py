@@ -31,7 +31,8 @@ positions continue from the largest one. Left padding and the image make the tex
 first sampled token differ per row. Every forward here is given explicit positions computed once
 per prompt by the model's own get_rope_index with the attention mask (padding skipped): left to
 itself, the model numbers a text-only prompt 0..P-1 *including* its left padding, so a padded row
-would be sampled at shifted positions (tests/test_first_gpu_run.py compares against an unpadded forward).
+would be sampled at shifted positions (tests/test_first_gpu_run.py compares against an unpadded
+forward).
 
 Micro-batches are sized by a token budget (rows x padded length), so the same settings work for
 a 100-token toy prompt and a 2,000-token real one. The update itself is written out in align.py
