@@ -155,6 +155,12 @@ def build_meta(config):
         return Qwen3VLForConditionalGeneration(config)
 
 
+def parameter_count(name):
+    """A --model value's parameter count, from its architecture on meta (no weights read): the
+    size --dist auto decides by (model.pick_dist, estimate)."""
+    return sum(p.numel() for p in build_meta(hf_config(name)[0]).parameters())
+
+
 def build_disc_meta(config, cfg):
     """discriminator.Discriminator on the backbone's Qwen3VLModel, on meta: the stages' upcycling
     code itself (every MLP copied into experts, a router each, the value head)."""
@@ -464,8 +470,8 @@ def estimate(cfg):
     parameter counts, assumptions. Settings a stage refuses are one-line SystemExits."""
     world = max(1, cfg.gpus)
     if cfg.dist == "auto":  # as model.pick_dist: shard models of 1B+ parameters under torchrun
-        n = sum(p.numel() for p in build_meta(hf_config(cfg.model)[0]).parameters())
-        cfg = dataclasses.replace(cfg, dist="fsdp" if n >= 1e9 else "ddp")
+        big = parameter_count(cfg.model) >= 1e9
+        cfg = dataclasses.replace(cfg, dist="fsdp" if big else "ddp")
     fsdp = cfg.dist == "fsdp" and world > 1  # one GPU runs without torchrun: no wrapper at all
     if cfg.qlora and fsdp:  # as model.wrap_distributed
         raise SystemExit("error: --qlora cannot be combined with --dist fsdp (4-bit weights are "

@@ -365,8 +365,7 @@ def pick_dist(cfg, world, log=print):
     if cfg.dist != "auto" or world == 1:  # single-process runs take no wrapper at all
         return cfg.dist if cfg.dist != "auto" else "ddp"
     import memory
-    config, _ = memory.hf_config(cfg.model)
-    n = sum(p.numel() for p in memory.build_meta(config).parameters())
+    n = memory.parameter_count(cfg.model)
     choice = "fsdp" if n >= 1e9 else "ddp"
     log(f"--dist auto: {choice} ({n / 1e9:.2f}B parameters on {world} ranks)")
     return choice
